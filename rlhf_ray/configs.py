@@ -1,0 +1,207 @@
+"""One dataclass tree per recipe. Defaults live here; YAML in ``launch/configs`` holds overrides.
+
+Each worker receives its own sub-config (``RolloutConfig``, ``LearnerConfig`` ...), never
+the whole tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from rlhf_ray.config import ConfigError, option, section
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+@dataclass
+class RayConfig:
+    address: str = option("local", "Ray address: 'local' starts a private Ray; 'auto' or ray://host:port joins a cluster.")
+    num_cpus: Optional[int] = option(None, "CPUs for a local Ray (null: all cores).")
+    object_store_mb: int = option(1024, "Object store size for a local Ray, in MiB.")
+    call_timeout_s: float = option(600.0, "Timeout for every remote call; the error names the worker.")
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: Literal["offline", "online", "disabled"] = option("offline", "W&B mode: offline writes a local run folder; online needs WANDB_API_KEY.")
+    project: str = option("rlhf-ray", "W&B project name.")
+    run_name: Optional[str] = option(None, "W&B run name (null: the run folder's name).")
+    log_every: int = option(1, "Log metrics every N steps.")
+    progress_bar: bool = option(True, "Show a progress bar on the console.")
+
+
+@dataclass
+class ModelConfig:
+    path: str = option("tiny-llama", "Model: a built asset name (see `rlhf-ray assets`) or a Hugging Face folder.")
+    dtype: Dtype = option("float32", "Parameter dtype for training and inference.")
+
+
+@dataclass
+class DataConfig:
+    source: str = option("arithmetic", "Data: a file (.jsonl/.json/.parquet/.csv), a save_to_disk folder, or a built-in source name.")
+    format: Literal["instruction", "conversation", "prompt", "preference"] = option("instruction", "Row format expected in the source.")
+    template: Literal["alpaca", "chat"] = option("alpaca", "Prompt template: the Alpaca template or the tokenizer's chat template.")
+    max_length: int = option(512, "Maximum tokens of prompt plus response.")
+    truncation: Literal["drop", "truncate"] = option("drop", "What to do with a row longer than max_length.")
+    skip_invalid: bool = option(False, "Drop invalid rows (counted and reported) instead of stopping at the first.")
+    num_rows: Optional[int] = option(None, "Use only the first N rows (null: all).")
+    heldout_fraction: float = option(0.1, "Fraction of rows held out for evaluation (deterministic split).")
+    seed: int = option(0, "Seed for built-in generators, splits and shuffling.")
+    packing: bool = option(False, "Pack several SFT rows into one sequence.")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction: expected 0 <= x < 1, got {self.heldout_fraction}")
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length: expected at least 8 tokens, got {self.max_length}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(1e-5, "Peak learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    betas: list[float] = option([0.9, 0.95], "AdamW betas.")
+    warmup_steps: int = option(0, "Linear warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear"] = option("constant", "LR schedule after warm-up.")
+    grad_clip: float = option(1.0, "Gradient-norm clip (0 disables).")
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: expected a positive learning rate, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: expected two numbers, got {self.betas}")
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.")
+    zero_stage: Literal[0, 1, 2, 3] = option(0, "DeepSpeed ZeRO stage.")
+    micro_batch_size: int = option(4, "Sequences per forward/backward on each rank.")
+    offload: bool = option(False, "Offload optimizer state to CPU (ZeRO >= 1).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    cpus_per_worker: float = option(1.0, "Ray CPUs reserved per learner.")
+    gpus_per_worker: float = option(0.0, "Ray GPUs reserved per learner (0 on CPU machines).")
+    backend: Literal["auto", "gloo", "nccl"] = option("auto", "torch.distributed backend: auto picks nccl on GPU, gloo on CPU.")
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"learner.num_workers: expected at least 1, got {self.num_workers}")
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"learner.micro_batch_size: expected at least 1, got {self.micro_batch_size}")
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = option(128, "Maximum tokens generated per response.")
+    temperature: float = option(1.0, "Sampling temperature (0 is greedy).")
+    top_p: float = option(1.0, "Nucleus sampling threshold.")
+    top_k: int = option(-1, "Top-k sampling (-1 disables).")
+    n: int = option(1, "Responses sampled per prompt.")
+    seed: Optional[int] = option(None, "Sampling seed (null: random).")
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"sampling.n: expected at least 1, got {self.n}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p: expected 0 < top_p <= 1, got {self.top_p}")
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = option(1, "vLLM rollout workers (scale independently of the learners).")
+    tensor_parallel_size: int = option(1, "vLLM tensor-parallel size per worker (GPU).")
+    max_model_len: int = option(1024, "vLLM context length (prompt plus response).")
+    kv_cache_gib: int = option(1, "KV-cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = option(0.5, "Fraction of GPU memory vLLM may take (GPU).")
+    cpus_per_worker: float = option(0.5, "Ray CPUs reserved per rollout worker.")
+    gpus_per_worker: float = option(0.0, "Ray GPUs reserved per rollout worker.")
+
+
+@dataclass
+class RewardConfig:
+    model: Optional[str] = option(None, "Reward model: an asset name or folder of a sequence classifier (null: none).")
+    function: Optional[str] = option(None, "Reward function: a built-in checker name or 'module:function' (null: none).")
+    num_replicas: int = option(1, "RewardServer replicas.")
+    normalize: bool = option(False, "Normalise scores with the mean/std stored in the reward model's config.")
+    clip: Optional[float] = option(None, "Clip scores to [-clip, clip] (null: no clip).")
+    micro_batch_size: int = option(16, "Episodes scored per forward pass.")
+
+    def validate(self) -> None:
+        if self.function and ":" not in self.function and not self.function.isidentifier():
+            raise ConfigError(f"reward.function: expected a built-in name or 'module:function', got {self.function!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end).")
+    keep_last: int = option(2, "Checkpoints to keep.")
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class RunConfig:
+    """Fields every recipe shares."""
+
+    run_dir: str = option("runs/latest", "Run folder: config, checkpoints, summary.json, W&B files.")
+    resume: Literal["never", "auto"] = option("never", "'auto' continues from the last checkpoint in run_dir.")
+    seed: int = option(0, "Global seed.")
+
+
+@dataclass
+class GenerateConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The policy to sample from.")
+    data: DataConfig = section(DataConfig, "Prompts.")
+    sampling: SamplingConfig = section(SamplingConfig, "Sampling settings.")
+    rollout: RolloutConfig = section(RolloutConfig, "Rollout workers.")
+    ray: RayConfig = section(RayConfig, "Ray cluster connection.")
+    logging: LoggingConfig = section(LoggingConfig, "Logging.")
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The model to fine-tune.")
+    data: DataConfig = section(DataConfig, "Instruction data.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners.")
+    epochs: int = option(1, "Passes over the training set.")
+    batch_size: int = option(16, "Global batch size in sequences.")
+    max_steps: Optional[int] = option(None, "Stop after N optimizer steps (null: run all epochs).")
+    loss_aggregation: Literal["token_mean", "seq_mean"] = option("token_mean", "How token losses are averaged.")
+    eval_every: int = option(0, "Held-out evaluation every N steps (0: only first and last).")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    ray: RayConfig = section(RayConfig, "Ray cluster connection.")
+    logging: LoggingConfig = section(LoggingConfig, "Logging.")
+
+
+@dataclass
+class RMConfig(SFTConfig):
+    margin: float = option(0.0, "Margin in the pairwise loss -log sigmoid(r_c - r_r - margin).")
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    beta: float = option(0.1, "DPO beta: how far the policy may move from the reference.")
+    loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", "DPO (sigmoid) or IPO loss.")
+    label_smoothing: float = option(0.0, "Conservative DPO label smoothing (0: plain DPO).")
+    reference: ModelConfig = section(ModelConfig, "The frozen reference (usually the SFT model).")
+
+
+@dataclass
+class DoctorConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The tiny model used for the round trip.")
+    ray: RayConfig = section(RayConfig, "Ray cluster connection.")
+
+
+RECIPES: dict[str, type] = {
+    "generate": GenerateConfig,
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "dpo": DPOConfig,
+    "doctor": DoctorConfig,
+}

@@ -1,0 +1,548 @@
+"""Loss functions for SFT, reward modelling, DPO and PPO.
+
+Pure torch: this module must never import ray, vllm, deepspeed or transformers, so it can be
+unit-tested (and reused inside any worker) without the distributed stack.
+
+Shape conventions used in the docstrings:
+
+* ``B`` - batch size (number of sequences), ``T`` - full sequence length (prompt + response),
+  ``A`` - response length, ``V`` - vocabulary size.
+* Masks may be ``bool`` or float 0/1 tensors; they are converted to the dtype of the values.
+
+Loss aggregation and gradient-accumulation / data-parallel invariance
+---------------------------------------------------------------------
+A "mean over tokens" computed per micro-batch is *not* the mean over the global batch when
+micro-batches hold different numbers of response tokens: averaging micro-batch means weights
+every micro-batch equally instead of every token. :func:`aggregate` therefore accepts a
+*global normaliser*:
+
+* ``mode="token_mean"``: ``loss = sum(loss_per_token * mask) / num_tokens`` where
+  ``num_tokens`` is the number of response tokens in the whole global batch (all micro-batches
+  on all data-parallel ranks).
+* ``mode="seq_mean"``: each sequence's loss is the mean over its own response tokens, and
+  ``loss = sum(seq_losses) / num_seqs`` where ``num_seqs`` is the number of sequences in the
+  global batch.
+
+With these normalisers the micro-batch losses simply *sum* to the full-batch loss, so calling
+``backward()`` on each micro-batch loss and accumulating gradients gives exactly the full-batch
+gradient. Data-parallel frameworks (DDP, DeepSpeed) *average* gradients over ``world_size``
+ranks, so each rank should multiply its loss by ``world_size`` to get the same gradient (or
+the caller divides the normaliser by ``world_size``). When the normaliser is omitted the local
+count is used, which is correct for a single, un-split batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_ray.advantages import KLEstimator, kl_estimate
+
+Aggregation = Literal["token_mean", "seq_mean"]
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean")
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
+
+# Log-ratios beyond this are clamped before exp() so that a stale sample cannot overflow.
+_MAX_LOG_RATIO = 20.0
+
+__all__ = [
+    "AGGREGATIONS",
+    "DPO_LOSS_TYPES",
+    "DPOLossOutput",
+    "RewardLossOutput",
+    "aggregate",
+    "dpo_loss",
+    "entropy_from_logits",
+    "kl_penalty_loss",
+    "masked_entropy",
+    "masked_mean",
+    "masked_sum",
+    "pairwise_reward_loss",
+    "ppo_policy_loss",
+    "sequence_logprobs",
+    "sft_loss",
+    "token_logprobs",
+    "value_loss",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Masked reductions and aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def _float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Return ``mask`` as a tensor of ``like``'s floating dtype."""
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    return mask.to(dtype)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` where ``mask`` is set.
+
+    Args:
+        x: any shape, e.g. (B, A).
+        mask: same shape as ``x`` (bool or 0/1).
+        dim: reduce over this dimension only; ``None`` reduces over all elements.
+
+    Returns:
+        A 0-d tensor if ``dim`` is None, else ``x`` with ``dim`` removed (e.g. (B,)).
+    """
+    m = _float_mask(mask, x)
+    if dim is None:
+        return (x * m).sum()
+    return (x * m).sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is set.
+
+    Args:
+        x: any shape, e.g. (B, A).
+        mask: same shape as ``x`` (bool or 0/1).
+        dim: reduce over this dimension only; ``None`` reduces over all elements.
+
+    Returns:
+        A 0-d tensor if ``dim`` is None, else ``x`` with ``dim`` removed (e.g. (B,)).
+        Where the mask is empty the mean is defined as 0 (never NaN).
+    """
+    m = _float_mask(mask, x)
+    total = masked_sum(x, m, dim)
+    count = m.sum() if dim is None else m.sum(dim=dim)
+    return torch.where(count > 0, total / count.clamp_min(1e-12), torch.zeros_like(total))
+
+
+def aggregate(
+    loss_per_token: torch.Tensor,
+    response_mask: torch.Tensor,
+    mode: Aggregation = "token_mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar.
+
+    Args:
+        loss_per_token: (B, A) loss of each response token.
+        response_mask: (B, A) 1 where the token counts.
+        mode: ``"token_mean"`` (every token of the global batch weighs the same) or
+            ``"seq_mean"`` (mean over tokens within each sequence, then mean over sequences).
+        num_tokens: global number of response tokens, used by ``"token_mean"``. Defaults to
+            ``response_mask.sum()`` of this (micro-)batch.
+        num_seqs: global number of sequences, used by ``"seq_mean"``. Defaults to ``B``.
+            A sequence with no response token contributes 0 but is still counted.
+
+    Passing the global normaliser makes micro-batch losses *sum* to the full-batch loss (see
+    the module docstring); the normaliser of the mode not in use is ignored.
+
+    Returns:
+        0-d tensor.
+    """
+    if loss_per_token.shape != response_mask.shape:
+        raise ValueError(
+            f"loss_per_token {tuple(loss_per_token.shape)} and response_mask "
+            f"{tuple(response_mask.shape)} must have the same shape"
+        )
+    m = _float_mask(response_mask, loss_per_token)
+    if mode == "token_mean":
+        denom = m.sum() if num_tokens is None else num_tokens
+        return (loss_per_token * m).sum() / denom
+    if mode == "seq_mean":
+        if loss_per_token.dim() != 2:
+            raise ValueError("seq_mean aggregation needs a (B, A) loss")
+        lengths = m.sum(dim=-1).clamp_min(1.0)
+        per_seq = (loss_per_token * m).sum(dim=-1) / lengths
+        denom = loss_per_token.shape[0] if num_seqs is None else num_seqs
+        return per_seq.sum() / denom
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities, entropy, SFT
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each next token under ``logits``.
+
+    Logits at position ``t`` predict token ``t + 1``, so the result is shifted by one.
+
+    Args:
+        logits: (B, T, V) model outputs.
+        input_ids: (B, T) token ids.
+
+    Returns:
+        (B, T-1) float tensor; entry ``[b, t]`` is ``log p(input_ids[b, t+1] | ids[b, :t+1])``.
+
+    Memory: computed as ``logit[target] - logsumexp(logits)`` so the full (B, T, V) log-softmax
+    is never materialised (the log-normaliser is computed one row at a time); half-precision
+    logits are upcast to float32 one row at a time, since logsumexp in bf16 is inaccurate.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, T, V) and input_ids (B, T), got {tuple(logits.shape)} and "
+            f"{tuple(input_ids.shape)}"
+        )
+    shifted = logits[:, :-1, :]
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    if shifted.dtype in (torch.float32, torch.float64):
+        picked = shifted.gather(-1, targets).squeeze(-1)
+        # one row at a time: logsumexp allocates a (T, V) temporary, not (B, T, V)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in shifted])
+        return picked - lse
+    rows = []
+    for row_logits, row_targets in zip(shifted, targets):
+        row = row_logits.float().log_softmax(dim=-1)
+        rows.append(row.gather(-1, row_targets).squeeze(-1))
+    return torch.stack(rows)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    average: bool = False,
+) -> torch.Tensor:
+    """Summed (or averaged) log-probability of the masked tokens of each sequence.
+
+    Args:
+        logits: (B, T, V).
+        input_ids: (B, T).
+        loss_mask: (B, T) 1 on the *target* tokens that count (usually the response tokens),
+            aligned with ``input_ids``; position 0 is never a target.
+        average: divide by the number of counted tokens (as IPO-style callers may want).
+
+    Returns:
+        (B,) per-sequence log-probabilities, the inputs to :func:`dpo_loss`.
+    """
+    logps = token_logprobs(logits, input_ids)
+    mask = loss_mask[:, 1:]
+    if average:
+        return masked_mean(logps, mask, dim=-1)
+    return masked_sum(logps, mask, dim=-1)
+
+
+def sft_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    aggregation: Aggregation = "token_mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy restricted to the target tokens in ``loss_mask``.
+
+    Args:
+        logits: (B, T, V).
+        input_ids: (B, T).
+        loss_mask: (B, T) 1 on target tokens that count (response tokens), aligned with
+            ``input_ids``. The shift is handled here: logits at ``t`` score token ``t + 1``.
+        aggregation: see :func:`aggregate`.
+        num_tokens: global count of target tokens (``loss_mask[:, 1:].sum()`` over the global
+            batch) for micro-batch / data-parallel invariance.
+        num_seqs: global number of sequences, for ``"seq_mean"``.
+
+    Returns:
+        0-d loss tensor.
+    """
+    nll = -token_logprobs(logits, input_ids)
+    return aggregate(nll, loss_mask[:, 1:], aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position.
+
+    Args:
+        logits: (B, T, V).
+
+    Returns:
+        (B, T) entropy in nats, ``logsumexp(z) - sum(softmax(z) * z)``.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def masked_entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy over the masked positions.
+
+    Args:
+        logits: (B, A, V) logits already aligned with the response tokens.
+        response_mask: (B, A).
+
+    Returns:
+        0-d tensor.
+    """
+    return masked_mean(entropy_from_logits(logits), response_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Preference losses
+# --------------------------------------------------------------------------------------------
+
+
+class RewardLossOutput(NamedTuple):
+    """Result of :func:`pairwise_reward_loss`; all fields are 0-d tensors."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    chosen_mean: torch.Tensor
+    rejected_mean: torch.Tensor
+    margin_mean: torch.Tensor
+
+
+def pairwise_reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+) -> RewardLossOutput:
+    """Bradley-Terry loss for a reward model: ``mean(-log sigmoid(r_c - r_r - margin))``.
+
+    Args:
+        chosen_rewards: (B,) scalar rewards of the preferred responses.
+        rejected_rewards: (B,) scalar rewards of the rejected responses.
+        margin: optional (B,) or scalar required margin (Llama-2 style); ``None`` means 0.
+
+    Returns:
+        :class:`RewardLossOutput` - ``loss`` (first item) is differentiable; ``accuracy`` is the
+        fraction with ``r_c > r_r``; ``chosen_mean`` / ``rejected_mean`` are the mean rewards and
+        ``margin_mean`` is ``mean(r_c - r_r)`` (the logged statistics are detached). At equal
+        rewards and no margin the loss is ``ln 2``.
+    """
+    diff = chosen_rewards - rejected_rewards
+    logits = diff if margin is None else diff - margin
+    loss = -F.logsigmoid(logits).mean()
+    diff = diff.detach()
+    return RewardLossOutput(
+        loss=loss,
+        accuracy=(diff > 0).float().mean(),
+        chosen_mean=chosen_rewards.detach().mean(),
+        rejected_mean=rejected_rewards.detach().mean(),
+        margin_mean=diff.mean(),
+    )
+
+
+class DPOLossOutput(NamedTuple):
+    """Result of :func:`dpo_loss`."""
+
+    loss: torch.Tensor
+    """0-d mean loss (differentiable)."""
+    chosen_rewards: torch.Tensor
+    """(B,) implicit reward ``beta * (pi_c - ref_c)``, detached."""
+    rejected_rewards: torch.Tensor
+    """(B,) implicit reward ``beta * (pi_r - ref_r)``, detached."""
+    margins: torch.Tensor
+    """(B,) ``chosen_rewards - rejected_rewards``, detached."""
+    accuracy: torch.Tensor
+    """0-d fraction of pairs with ``chosen_rewards > rejected_rewards``."""
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOLossOutput:
+    """Direct Preference Optimisation loss (Rafailov et al. 2023) and its IPO variant.
+
+    With ``h = (pi_c - ref_c) - (pi_r - ref_r)``:
+
+    * ``"sigmoid"``: ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``; ``eps =
+      label_smoothing`` > 0 is conservative DPO (cDPO), ``eps = 0`` is plain DPO.
+    * ``"ipo"`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``. Label smoothing does not apply.
+
+    The log-probabilities are used as given: pass per-sequence *sums* for DPO. The IPO paper
+    is written with sequence log-likelihoods, while TRL feeds IPO *length-averaged* log-probs;
+    either works here (use :func:`sequence_logprobs` with ``average=True`` for the latter).
+
+    Args:
+        policy_chosen_logps: (B,) policy log-prob of each chosen response.
+        policy_rejected_logps: (B,) policy log-prob of each rejected response.
+        ref_chosen_logps: (B,) reference-model log-prob of each chosen response.
+        ref_rejected_logps: (B,) reference-model log-prob of each rejected response.
+        beta: inverse temperature / KL strength (> 0).
+        loss_type: ``"sigmoid"`` or ``"ipo"``.
+        label_smoothing: cDPO label-noise rate in ``[0, 0.5]``; sigmoid loss only.
+
+    Returns:
+        :class:`DPOLossOutput`; when policy == reference the sigmoid loss is ``ln 2``.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {DPO_LOSS_TYPES}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError("label_smoothing is only defined for loss_type='sigmoid'")
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h)
+        if label_smoothing:
+            losses = losses - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    margins = chosen_rewards - rejected_rewards
+    return DPOLossOutput(
+        loss=losses.mean(),
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        margins=margins,
+        accuracy=(margins > 0).float().mean(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# PPO
+# --------------------------------------------------------------------------------------------
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    aggregation: Aggregation = "token_mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-surrogate PPO policy loss (Schulman et al. 2017), with optional dual clip.
+
+    Per token, with ``ratio = exp(logprobs - old_logprobs)`` and advantage ``A``::
+
+        loss = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
+
+    and, with ``dual_clip = c > 1`` (Ye et al. 2020), for ``A < 0`` the loss is further capped
+    at ``c * |A|`` so that a huge ratio on a bad action cannot blow up the update.
+
+    Args:
+        logprobs: (B, A) log-probs of the sampled response tokens under the current policy.
+        old_logprobs: (B, A) log-probs under the policy that generated the samples.
+        advantages: (B, A) per-token advantages (constant along a row for GRPO/RLOO).
+        response_mask: (B, A).
+        clip_eps: lower clip range (and upper, unless ``clip_eps_high`` is given).
+        clip_eps_high: upper clip range ("clip-higher", DAPO); defaults to ``clip_eps``.
+        dual_clip: dual-clip constant ``c > 1``, or ``None`` to disable.
+        aggregation, num_tokens, num_seqs: see :func:`aggregate`.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is a 0-d tensor; ``metrics`` maps to detached 0-d tensors
+        (no host sync), each a masked mean over this batch's tokens:
+
+        * ``clip_frac`` - fraction of tokens where the clipped surrogate was the active branch;
+        * ``dual_clip_frac`` - fraction of tokens where the dual-clip cap was active;
+        * ``approx_kl`` - k3 estimate of KL(old || new), ``mean(ratio - 1 - log ratio)``, which
+          is unbiased for samples drawn from the old policy and never negative;
+        * ``ratio_mean`` - mean importance ratio.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+
+    log_ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    loss_per_token = torch.maximum(unclipped, clipped)
+
+    if dual_clip is not None:
+        cap = -advantages * dual_clip  # = dual_clip * |A| where A < 0
+        capped = torch.minimum(loss_per_token, cap)
+        dual_active = (advantages < 0) & (loss_per_token > cap)
+        loss_per_token = torch.where(advantages < 0, capped, loss_per_token)
+    else:
+        dual_active = torch.zeros_like(response_mask, dtype=torch.bool)
+
+    loss = aggregate(loss_per_token, response_mask, aggregation, num_tokens, num_seqs)
+    with torch.no_grad():
+        lr = log_ratio.detach()
+        metrics = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), response_mask),
+            "dual_clip_frac": masked_mean(dual_active.float(), response_mask),
+            "approx_kl": masked_mean(torch.expm1(lr) - lr, response_mask),
+            "ratio_mean": masked_mean(ratio.detach(), response_mask),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float | None = None,
+    aggregation: Aggregation = "token_mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(Optionally clipped) squared-error value loss for the PPO critic.
+
+    Per token: ``0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)``; without
+    ``clip_eps`` it is ``0.5 * (v - R)^2``.
+
+    Args:
+        values: (B, A) current critic predictions.
+        old_values: (B, A) critic predictions at rollout time.
+        returns: (B, A) regression targets (e.g. from :func:`rlhf_ray.advantages.gae`).
+        response_mask: (B, A).
+        clip_eps: value clip range, ``None`` to disable.
+        aggregation, num_tokens, num_seqs: see :func:`aggregate`.
+
+    Returns:
+        ``(loss, metrics)``; metrics (detached 0-d tensors): ``value_clip_frac`` - fraction of
+        tokens where the clipped error was the larger one; ``values_mean``.
+    """
+    err = (values - returns) ** 2
+    if clip_eps is None:
+        per_token = 0.5 * err
+        clip_active = torch.zeros_like(err, dtype=torch.bool)
+    else:
+        v_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        err_clipped = (v_clipped - returns) ** 2
+        per_token = 0.5 * torch.maximum(err, err_clipped)
+        clip_active = err_clipped > err
+    loss = aggregate(per_token, response_mask, aggregation, num_tokens, num_seqs)
+    with torch.no_grad():
+        metrics = {
+            "value_clip_frac": masked_mean(clip_active.float(), response_mask),
+            "values_mean": masked_mean(values.detach(), response_mask),
+        }
+    return loss, metrics
+
+
+def kl_penalty_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    estimator: KLEstimator = "k3",
+    aggregation: Aggregation = "token_mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(policy || reference) as a differentiable loss term (GRPO-style "KL in the loss").
+
+    Args:
+        logprobs: (B, A) policy log-probs of the sampled tokens (with gradient).
+        ref_logprobs: (B, A) reference log-probs of the same tokens.
+        response_mask: (B, A).
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`rlhf_ray.advantages.kl_estimate`);
+            ``"k3"`` is the low-variance, non-negative estimator used by GRPO.
+        aggregation, num_tokens, num_seqs: see :func:`aggregate`.
+
+    Returns:
+        0-d tensor; multiply by the KL coefficient in the caller.
+    """
+    kl = kl_estimate(logprobs, ref_logprobs, estimator)
+    return aggregate(kl, response_mask, aggregation, num_tokens, num_seqs)

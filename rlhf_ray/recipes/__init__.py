@@ -1,0 +1,1 @@
+"""Recipes: one file per job, each ``run(cfg)`` a readable loop."""

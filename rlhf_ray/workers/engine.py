@@ -1,0 +1,41 @@
+"""Start and stop a vLLM engine with the settings that work on CPU and GPU alike."""
+
+from __future__ import annotations
+
+import os
+
+
+def cpu_env_defaults(kv_cache_gib: int = 1) -> None:
+    """Environment vLLM needs on a CPU machine; set before ``import vllm``. Never overrides."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
+             kv_cache_gib: int = 1, tensor_parallel_size: int = 1,
+             gpu_memory_utilization: float = 0.5, seed: int = 0, worker_extension: str | None = None):
+    """A ``vllm.LLM`` in eager mode; ``worker_extension`` adds weight-update methods."""
+    cpu_env_defaults(kv_cache_gib)
+    from vllm import LLM
+
+    kwargs = dict(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
+                  tensor_parallel_size=tensor_parallel_size, seed=seed)
+    import torch
+
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if worker_extension:
+        kwargs["worker_extension_cls"] = worker_extension
+    return LLM(**kwargs)
+
+
+def shutdown_llm(llm) -> None:
+    """Stop the engine core so no ``/dev/shm/psm_*`` files are left behind."""
+    if llm is None:
+        return
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # already stopped
+        pass
