@@ -17,30 +17,13 @@ import torch
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 
-__all__ = [
-    "KL_ESTIMATORS",
-    "AdaptiveKLController",
-    "discounted_returns",
-    "FixedKLController",
-    "expand_to_tokens",
-    "gae",
-    "grpo_advantages",
-    "kl_estimate",
-    "masked_whiten",
-    "reinforce_pp_returns",
-    "rloo_advantages",
-    "shape_rewards_with_kl",
-]
-
 
 def _float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     dtype = like.dtype if like.is_floating_point() else torch.float32
     return mask.to(dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# KL estimators and reward shaping
-# --------------------------------------------------------------------------------------------
+# --- KL estimators and reward shaping -------------------------------------------------------------
 
 
 def kl_estimate(
@@ -142,9 +125,7 @@ class AdaptiveKLController:
         self.value *= 1.0 + err * n_steps / self.horizon
 
 
-# --------------------------------------------------------------------------------------------
-# Token-level advantage estimators
-# --------------------------------------------------------------------------------------------
+# --- Token-level advantage estimators -------------------------------------------------------------
 
 
 def gae(
@@ -262,9 +243,7 @@ def reinforce_pp_returns(
     return masked_whiten(returns, response_mask), returns
 
 
-# --------------------------------------------------------------------------------------------
-# Sequence-level (group) advantage estimators
-# --------------------------------------------------------------------------------------------
+# --- Sequence-level (group) advantage estimators --------------------------------------------------
 
 
 def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:

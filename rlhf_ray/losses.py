@@ -1,13 +1,9 @@
 """Loss functions for SFT, reward modelling, DPO and PPO.
 
-Pure torch: this module must never import ray, vllm, deepspeed or transformers, so it can be
-unit-tested (and reused inside any worker) without the distributed stack.
+Pure torch: this module must never import ray, vllm, deepspeed or transformers.
 
-Shape conventions used in the docstrings:
-
-* ``B`` - batch size (number of sequences), ``T`` - full sequence length (prompt + response),
-  ``A`` - response length, ``V`` - vocabulary size.
-* Masks may be ``bool`` or float 0/1 tensors; they are converted to the dtype of the values.
+Shapes: ``B`` batch size (sequences), ``T`` full length (prompt + response), ``A`` response
+length, ``V`` vocabulary size. Masks may be ``bool`` or float 0/1 tensors.
 
 Loss aggregation and gradient-accumulation / data-parallel invariance
 ---------------------------------------------------------------------
@@ -41,36 +37,15 @@ import torch.nn.functional as F
 from rlhf_ray.advantages import KLEstimator, kl_estimate
 
 Aggregation = Literal["token_mean", "seq_mean"]
+Normaliser = float | torch.Tensor | None
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean")
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
 
 # Log-ratios beyond this are clamped before exp() so that a stale sample cannot overflow.
 _MAX_LOG_RATIO = 20.0
 
-__all__ = [
-    "AGGREGATIONS",
-    "DPO_LOSS_TYPES",
-    "DPOLossOutput",
-    "RewardLossOutput",
-    "aggregate",
-    "dpo_loss",
-    "entropy_from_logits",
-    "kl_penalty_loss",
-    "masked_entropy",
-    "masked_mean",
-    "masked_sum",
-    "pairwise_reward_loss",
-    "ppo_policy_loss",
-    "sequence_logprobs",
-    "sft_loss",
-    "token_logprobs",
-    "value_loss",
-]
 
-
-# --------------------------------------------------------------------------------------------
-# Masked reductions and aggregation
-# --------------------------------------------------------------------------------------------
+# --- Masked reductions and aggregation ------------------------------------------------------------
 
 
 def _float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -80,33 +55,19 @@ def _float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of ``x`` where ``mask`` is set.
+    """Sum of ``x`` (e.g. (B, A)) where ``mask`` (same shape) is set.
 
-    Args:
-        x: any shape, e.g. (B, A).
-        mask: same shape as ``x`` (bool or 0/1).
-        dim: reduce over this dimension only; ``None`` reduces over all elements.
-
-    Returns:
-        A 0-d tensor if ``dim`` is None, else ``x`` with ``dim`` removed (e.g. (B,)).
+    Reduces over ``dim`` only (e.g. ``dim=-1`` gives (B,)), or over everything (0-d) if None.
     """
-    m = _float_mask(mask, x)
-    if dim is None:
-        return (x * m).sum()
-    return (x * m).sum(dim=dim)
+    masked = x * _float_mask(mask, x)
+    return masked.sum() if dim is None else masked.sum(dim=dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is set.
+    """Mean of ``x`` (e.g. (B, A)) over the positions where ``mask`` (same shape) is set.
 
-    Args:
-        x: any shape, e.g. (B, A).
-        mask: same shape as ``x`` (bool or 0/1).
-        dim: reduce over this dimension only; ``None`` reduces over all elements.
-
-    Returns:
-        A 0-d tensor if ``dim`` is None, else ``x`` with ``dim`` removed (e.g. (B,)).
-        Where the mask is empty the mean is defined as 0 (never NaN).
+    Reduces over ``dim`` only (e.g. ``dim=-1`` gives (B,)), or over everything (0-d) if None.
+    The mean over an empty mask is defined as 0 (never NaN).
     """
     m = _float_mask(mask, x)
     total = masked_sum(x, m, dim)
@@ -118,14 +79,12 @@ def aggregate(
     loss_per_token: torch.Tensor,
     response_mask: torch.Tensor,
     mode: Aggregation = "token_mean",
-    num_tokens: float | torch.Tensor | None = None,
-    num_seqs: float | torch.Tensor | None = None,
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
 ) -> torch.Tensor:
-    """Reduce a per-token loss to a scalar.
+    """Reduce a (B, A) per-token loss to a 0-d loss under a (B, A) ``response_mask``.
 
     Args:
-        loss_per_token: (B, A) loss of each response token.
-        response_mask: (B, A) 1 where the token counts.
         mode: ``"token_mean"`` (every token of the global batch weighs the same) or
             ``"seq_mean"`` (mean over tokens within each sequence, then mean over sequences).
         num_tokens: global number of response tokens, used by ``"token_mean"``. Defaults to
@@ -135,9 +94,6 @@ def aggregate(
 
     Passing the global normaliser makes micro-batch losses *sum* to the full-batch loss (see
     the module docstring); the normaliser of the mode not in use is ignored.
-
-    Returns:
-        0-d tensor.
     """
     if loss_per_token.shape != response_mask.shape:
         raise ValueError(
@@ -146,7 +102,7 @@ def aggregate(
         )
     m = _float_mask(response_mask, loss_per_token)
     if mode == "token_mean":
-        denom = m.sum() if num_tokens is None else num_tokens
+        denom = m.sum().clamp_min(1.0) if num_tokens is None else num_tokens
         return (loss_per_token * m).sum() / denom
     if mode == "seq_mean":
         if loss_per_token.dim() != 2:
@@ -158,22 +114,14 @@ def aggregate(
     raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
 
 
-# --------------------------------------------------------------------------------------------
-# Log-probabilities, entropy, SFT
-# --------------------------------------------------------------------------------------------
+# --- Log-probabilities, entropy, SFT --------------------------------------------------------------
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each next token under ``logits``.
+    """Log-probability of each next token: logits (B, T, V), input_ids (B, T) -> (B, T-1).
 
-    Logits at position ``t`` predict token ``t + 1``, so the result is shifted by one.
-
-    Args:
-        logits: (B, T, V) model outputs.
-        input_ids: (B, T) token ids.
-
-    Returns:
-        (B, T-1) float tensor; entry ``[b, t]`` is ``log p(input_ids[b, t+1] | ids[b, :t+1])``.
+    Logits at position ``t`` predict token ``t + 1``: entry ``[b, t]`` of the result is
+    ``log p(input_ids[b, t+1] | input_ids[b, :t+1])``.
 
     Memory: computed as ``logit[target] - logsumexp(logits)`` so the full (B, T, V) log-softmax
     is never materialised (the log-normaliser is computed one row at a time); half-precision
@@ -204,17 +152,13 @@ def sequence_logprobs(
     loss_mask: torch.Tensor,
     average: bool = False,
 ) -> torch.Tensor:
-    """Summed (or averaged) log-probability of the masked tokens of each sequence.
+    """(B,) summed (or, with ``average``, length-averaged) log-prob of each sequence's targets.
 
     Args:
-        logits: (B, T, V).
-        input_ids: (B, T).
+        logits: (B, T, V); input_ids: (B, T).
         loss_mask: (B, T) 1 on the *target* tokens that count (usually the response tokens),
-            aligned with ``input_ids``; position 0 is never a target.
-        average: divide by the number of counted tokens (as IPO-style callers may want).
-
-    Returns:
-        (B,) per-sequence log-probabilities, the inputs to :func:`dpo_loss`.
+            aligned with ``input_ids``; position 0 is never a target. These are the per-sequence
+            log-probs :func:`dpo_loss` takes.
     """
     logps = token_logprobs(logits, input_ids)
     mask = loss_mask[:, 1:]
@@ -228,57 +172,39 @@ def sft_loss(
     input_ids: torch.Tensor,
     loss_mask: torch.Tensor,
     aggregation: Aggregation = "token_mean",
-    num_tokens: float | torch.Tensor | None = None,
-    num_seqs: float | torch.Tensor | None = None,
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy restricted to the target tokens in ``loss_mask``.
+    """0-d next-token cross-entropy over the target tokens in ``loss_mask``.
 
     Args:
-        logits: (B, T, V).
+        logits: (B, T, V); logits at ``t`` score token ``t + 1`` (the shift is done here).
         input_ids: (B, T).
-        loss_mask: (B, T) 1 on target tokens that count (response tokens), aligned with
-            ``input_ids``. The shift is handled here: logits at ``t`` score token ``t + 1``.
-        aggregation: see :func:`aggregate`.
-        num_tokens: global count of target tokens (``loss_mask[:, 1:].sum()`` over the global
-            batch) for micro-batch / data-parallel invariance.
-        num_seqs: global number of sequences, for ``"seq_mean"``.
-
-    Returns:
-        0-d loss tensor.
+        loss_mask: (B, T) 1 on the target tokens that count (response tokens), aligned with
+            ``input_ids``.
+        aggregation, num_tokens, num_seqs: see :func:`aggregate`; the global ``num_tokens`` is
+            ``loss_mask[:, 1:].sum()`` over the whole global batch.
     """
     nll = -token_logprobs(logits, input_ids)
     return aggregate(nll, loss_mask[:, 1:], aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position.
+    """Entropy in nats of the distribution at each position: (B, T, V) -> (B, T).
 
-    Args:
-        logits: (B, T, V).
-
-    Returns:
-        (B, T) entropy in nats, ``logsumexp(z) - sum(softmax(z) * z)``.
+    Computed as ``logsumexp(z) - sum(softmax(z) * z)``.
     """
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
 
 def masked_entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean entropy over the masked positions.
-
-    Args:
-        logits: (B, A, V) logits already aligned with the response tokens.
-        response_mask: (B, A).
-
-    Returns:
-        0-d tensor.
-    """
+    """0-d mean entropy over the masked positions of (B, A, V) ``logits`` aligned with a
+    (B, A) ``response_mask``."""
     return masked_mean(entropy_from_logits(logits), response_mask)
 
 
-# --------------------------------------------------------------------------------------------
-# Preference losses
-# --------------------------------------------------------------------------------------------
+# --- Preference losses ----------------------------------------------------------------------------
 
 
 class RewardLossOutput(NamedTuple):
@@ -298,10 +224,8 @@ def pairwise_reward_loss(
 ) -> RewardLossOutput:
     """Bradley-Terry loss for a reward model: ``mean(-log sigmoid(r_c - r_r - margin))``.
 
-    Args:
-        chosen_rewards: (B,) scalar rewards of the preferred responses.
-        rejected_rewards: (B,) scalar rewards of the rejected responses.
-        margin: optional (B,) or scalar required margin (Llama-2 style); ``None`` means 0.
+    ``chosen_rewards`` / ``rejected_rewards`` are (B,) scalar rewards of the preferred and the
+    rejected responses; ``margin`` is an optional (B,) or scalar required margin (Llama-2).
 
     Returns:
         :class:`RewardLossOutput` - ``loss`` (first item) is differentiable; ``accuracy`` is the
@@ -323,18 +247,15 @@ def pairwise_reward_loss(
 
 
 class DPOLossOutput(NamedTuple):
-    """Result of :func:`dpo_loss`."""
+    """Result of :func:`dpo_loss`: 0-d differentiable mean ``loss``; detached (B,) implicit
+    rewards ``chosen_rewards = beta (pi_c - ref_c)``, ``rejected_rewards = beta (pi_r - ref_r)``
+    and ``margins`` (their difference); 0-d ``accuracy`` = fraction with a positive margin."""
 
     loss: torch.Tensor
-    """0-d mean loss (differentiable)."""
     chosen_rewards: torch.Tensor
-    """(B,) implicit reward ``beta * (pi_c - ref_c)``, detached."""
     rejected_rewards: torch.Tensor
-    """(B,) implicit reward ``beta * (pi_r - ref_r)``, detached."""
     margins: torch.Tensor
-    """(B,) ``chosen_rewards - rejected_rewards``, detached."""
     accuracy: torch.Tensor
-    """0-d fraction of pairs with ``chosen_rewards > rejected_rewards``."""
 
 
 def dpo_loss(
@@ -359,10 +280,9 @@ def dpo_loss(
     either works here (use :func:`sequence_logprobs` with ``average=True`` for the latter).
 
     Args:
-        policy_chosen_logps: (B,) policy log-prob of each chosen response.
-        policy_rejected_logps: (B,) policy log-prob of each rejected response.
-        ref_chosen_logps: (B,) reference-model log-prob of each chosen response.
-        ref_rejected_logps: (B,) reference-model log-prob of each rejected response.
+        policy_chosen_logps, policy_rejected_logps: (B,) policy log-probs of the chosen and
+            rejected responses.
+        ref_chosen_logps, ref_rejected_logps: (B,) reference-model log-probs of the same.
         beta: inverse temperature / KL strength (> 0).
         loss_type: ``"sigmoid"`` or ``"ipo"``.
         label_smoothing: cDPO label-noise rate in ``[0, 0.5]``; sigmoid loss only.
@@ -401,9 +321,7 @@ def dpo_loss(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# PPO
-# --------------------------------------------------------------------------------------------
+# --- PPO ------------------------------------------------------------------------------------------
 
 
 def ppo_policy_loss(
@@ -415,8 +333,8 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: Aggregation = "token_mean",
-    num_tokens: float | torch.Tensor | None = None,
-    num_seqs: float | torch.Tensor | None = None,
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate PPO policy loss (Schulman et al. 2017), with optional dual clip.
 
@@ -484,21 +402,15 @@ def value_loss(
     response_mask: torch.Tensor,
     clip_eps: float | None = None,
     aggregation: Aggregation = "token_mean",
-    num_tokens: float | torch.Tensor | None = None,
-    num_seqs: float | torch.Tensor | None = None,
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(Optionally clipped) squared-error value loss for the PPO critic.
 
-    Per token: ``0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)``; without
-    ``clip_eps`` it is ``0.5 * (v - R)^2``.
-
-    Args:
-        values: (B, A) current critic predictions.
-        old_values: (B, A) critic predictions at rollout time.
-        returns: (B, A) regression targets (e.g. from :func:`rlhf_ray.advantages.gae`).
-        response_mask: (B, A).
-        clip_eps: value clip range, ``None`` to disable.
-        aggregation, num_tokens, num_seqs: see :func:`aggregate`.
+    Per token: ``0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)``, or
+    ``0.5 * (v - R)^2`` when ``clip_eps`` is None. ``values`` (current critic), ``old_values``
+    (at rollout time), ``returns`` (targets, e.g. from :func:`rlhf_ray.advantages.gae`) and
+    ``response_mask`` are all (B, A); see :func:`aggregate` for the remaining arguments.
 
     Returns:
         ``(loss, metrics)``; metrics (detached 0-d tensors): ``value_clip_frac`` - fraction of
@@ -528,21 +440,15 @@ def kl_penalty_loss(
     response_mask: torch.Tensor,
     estimator: KLEstimator = "k3",
     aggregation: Aggregation = "token_mean",
-    num_tokens: float | torch.Tensor | None = None,
-    num_seqs: float | torch.Tensor | None = None,
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
 ) -> torch.Tensor:
-    """KL(policy || reference) as a differentiable loss term (GRPO-style "KL in the loss").
+    """0-d KL(policy || reference) loss term (GRPO-style "KL in the loss"), unscaled.
 
-    Args:
-        logprobs: (B, A) policy log-probs of the sampled tokens (with gradient).
-        ref_logprobs: (B, A) reference log-probs of the same tokens.
-        response_mask: (B, A).
-        estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`rlhf_ray.advantages.kl_estimate`);
-            ``"k3"`` is the low-variance, non-negative estimator used by GRPO.
-        aggregation, num_tokens, num_seqs: see :func:`aggregate`.
-
-    Returns:
-        0-d tensor; multiply by the KL coefficient in the caller.
+    ``logprobs`` (policy, with gradient), ``ref_logprobs`` and ``response_mask`` are (B, A).
+    ``estimator`` is ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`rlhf_ray.advantages.kl_estimate`;
+    ``"k3"`` is the low-variance, non-negative one used by GRPO). Multiply by the KL coefficient
+    in the caller; see :func:`aggregate` for the remaining arguments.
     """
     kl = kl_estimate(logprobs, ref_logprobs, estimator)
     return aggregate(kl, response_mask, aggregation, num_tokens, num_seqs)

@@ -33,8 +33,9 @@ def ragged_mask(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
     return torch.arange(length)[None, :] < lengths[:, None]
 
 
-def naive_gae_row(rewards: list[float], values: list[float], mask: list[bool], gamma: float,
-                  lam: float) -> tuple[list[float], list[float]]:
+def naive_gae_row(
+    rewards: list[float], values: list[float], mask: list[bool], gamma: float, lam: float
+) -> tuple[list[float], list[float]]:
     """Textbook GAE on the compacted list of response tokens, scattered back."""
     idx = [t for t, m in enumerate(mask) if m]
     r = [rewards[t] for t in idx]
@@ -157,8 +158,9 @@ def test_gae_matches_loop_on_ragged_rows(gamma: float, lam: float) -> None:
     mask = ragged_mask(B, A, gen)
     adv, ret = gae(rewards, values, mask, gamma, lam)
     for b in range(B):
-        e_adv, e_ret = naive_gae_row(rewards[b].tolist(), values[b].tolist(), mask[b].tolist(),
-                                     gamma, lam)
+        e_adv, e_ret = naive_gae_row(
+            rewards[b].tolist(), values[b].tolist(), mask[b].tolist(), gamma, lam
+        )
         assert adv[b].tolist() == pytest.approx(e_adv)
         assert ret[b].tolist() == pytest.approx(e_ret)
 
@@ -168,8 +170,9 @@ def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value() -> None:
     values = torch.tensor([[0.3, 0.2, 0.1, 9.0], [1.0, 0.5, 9.0, 9.0]], dtype=DT)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     adv, ret = gae(rewards, values, mask, 1.0, 1.0)
-    expected_adv = torch.tensor([[1.5 - 0.3, 1.5 - 0.2, 1.0 - 0.1, 0.0], [1.0 - 1.0, -1.0 - 0.5, 0, 0]],
-                                dtype=DT)
+    expected_adv = torch.tensor(
+        [[1.5 - 0.3, 1.5 - 0.2, 1.0 - 0.1, 0.0], [1.0 - 1.0, -1.0 - 0.5, 0, 0]], dtype=DT
+    )
     torch.testing.assert_close(adv, expected_adv)
     torch.testing.assert_close(ret, torch.tensor([[1.5, 1.5, 1.0, 0], [1.0, -1.0, 0, 0]], dtype=DT))
 
@@ -204,7 +207,9 @@ def test_gae_property_padding_is_zero_and_matches_loop(lengths, gamma, lam, seed
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
     torch.testing.assert_close(ret[mask], (adv + values)[mask])
     for b in range(len(lengths)):
-        e_adv, _ = naive_gae_row(rewards[b].tolist(), values[b].tolist(), mask[b].tolist(), gamma, lam)
+        e_adv, _ = naive_gae_row(
+            rewards[b].tolist(), values[b].tolist(), mask[b].tolist(), gamma, lam
+        )
         assert adv[b].tolist() == pytest.approx(e_adv, abs=1e-9)
 
 
@@ -219,8 +224,10 @@ def test_grpo_hand_computed() -> None:
     no_std = grpo_advantages(scores, 3, normalize_std=False)
     torch.testing.assert_close(no_std, torch.tensor([-1.0, 0.0, 1.0, 0, 0, 0], dtype=DT))
     # default eps = 1e-6 is added to the std
-    torch.testing.assert_close(grpo_advantages(torch.tensor([0.0, 2.0], dtype=DT), 2),
-                               torch.tensor([-1.0, 1.0], dtype=DT) / (math.sqrt(2) + 1e-6))
+    torch.testing.assert_close(
+        grpo_advantages(torch.tensor([0.0, 2.0], dtype=DT), 2),
+        torch.tensor([-1.0, 1.0], dtype=DT) / (math.sqrt(2) + 1e-6),
+    )
     assert grpo_advantages(torch.tensor([3.0, 4.0]), 1).tolist() == [0.0, 0.0]
 
 
@@ -249,7 +256,9 @@ def test_group_size_must_divide_batch() -> None:
 
 def test_rloo_hand_computed_and_loop() -> None:
     adv = rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DT), 4)
-    torch.testing.assert_close(adv, torch.tensor([1 - 3.0, 2 - 8 / 3, 3 - 7 / 3, 4 - 2.0], dtype=DT))
+    torch.testing.assert_close(
+        adv, torch.tensor([1 - 3.0, 2 - 8 / 3, 3 - 7 / 3, 4 - 2.0], dtype=DT)
+    )
     gen = torch.Generator().manual_seed(6)
     scores = torch.randn(9, generator=gen, dtype=DT)
     adv = rloo_advantages(scores, 3)
@@ -265,7 +274,9 @@ def test_rloo_hand_computed_and_loop() -> None:
 def test_expand_to_tokens() -> None:
     adv = torch.tensor([1.5, -2.0])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    torch.testing.assert_close(expand_to_tokens(adv, mask), torch.tensor([[1.5, 1.5, 0], [-2.0, 0, 0]]))
+    torch.testing.assert_close(
+        expand_to_tokens(adv, mask), torch.tensor([[1.5, 1.5, 0], [-2.0, 0, 0]])
+    )
 
 
 # ---------------------------------------------------------------------------- whitening / REINFORCE++
@@ -290,8 +301,12 @@ def test_masked_whiten_matches_loop() -> None:
 
 
 @PROPS
-@given(lengths=st.lists(st.integers(1, 7), min_size=1, max_size=6), seed=st.integers(0, 2**16),
-       scale=st.floats(0.1, 100.0), shift=st.floats(-50, 50))
+@given(
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(0.1, 100.0),
+    shift=st.floats(-50, 50),
+)
 def test_masked_whiten_property(lengths, seed, scale, shift) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(seed)
     mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]

@@ -32,7 +32,9 @@ LossFn = Callable[[torch.nn.Module, Batch, str, torch.Tensor, int], torch.Tensor
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Embedding(VOCAB, HIDDEN), torch.nn.Linear(HIDDEN, VOCAB)).to(DT)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(VOCAB, HIDDEN), torch.nn.Linear(HIDDEN, VOCAB)
+    ).to(DT)
 
 
 def make_batch(prompt_lens: list[int], response_lens: list[int], seed: int) -> Batch:
@@ -68,23 +70,32 @@ def _sft(model, b, agg, num_tokens, num_seqs):  # type: ignore[no-untyped-def]
 def _ppo(model, b, agg, num_tokens, num_seqs):  # type: ignore[no-untyped-def]
     logprobs = token_logprobs(model(b["input_ids"]), b["input_ids"])
     loss, _ = ppo_policy_loss(
-        logprobs, b["old_logprobs"], b["advantages"], b["loss_mask"][:, 1:], clip_eps=0.2,
-        dual_clip=3.0, aggregation=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+        logprobs,
+        b["old_logprobs"],
+        b["advantages"],
+        b["loss_mask"][:, 1:],
+        clip_eps=0.2,
+        dual_clip=3.0,
+        aggregation=agg,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
     )
     return loss
 
 
 def _value(model, b, agg, num_tokens, num_seqs):  # type: ignore[no-untyped-def]
     values = model(b["input_ids"])[:, :-1, 0]  # first logit as a stand-in value head
-    loss, _ = value_loss(values, b["old_values"], b["returns"], b["loss_mask"][:, 1:], 0.2,
-                         agg, num_tokens, num_seqs)
+    loss, _ = value_loss(
+        values, b["old_values"], b["returns"], b["loss_mask"][:, 1:], 0.2, agg, num_tokens, num_seqs
+    )
     return loss
 
 
 def _kl(model, b, agg, num_tokens, num_seqs):  # type: ignore[no-untyped-def]
     logprobs = token_logprobs(model(b["input_ids"]), b["input_ids"])
-    return kl_penalty_loss(logprobs, b["ref_logprobs"], b["loss_mask"][:, 1:], "k3", agg,
-                           num_tokens, num_seqs)
+    return kl_penalty_loss(
+        logprobs, b["ref_logprobs"], b["loss_mask"][:, 1:], "k3", agg, num_tokens, num_seqs
+    )
 
 
 LOSSES: dict[str, LossFn] = {"sft": _sft, "ppo": _ppo, "value": _value, "kl": _kl}
@@ -100,8 +111,14 @@ def full_batch_grad(model: torch.nn.Module, fn: LossFn, batch: Batch, agg: str) 
     return flat_grad(model)
 
 
-def accumulated_grad(model: torch.nn.Module, fn: LossFn, batch: Batch, agg: str,
-                     sizes: list[int], global_norm: bool = True) -> torch.Tensor:
+def accumulated_grad(
+    model: torch.nn.Module,
+    fn: LossFn,
+    batch: Batch,
+    agg: str,
+    sizes: list[int],
+    global_norm: bool = True,
+) -> torch.Tensor:
     """Gradient accumulation over micro-batches of the given sizes."""
     num_tokens = batch["loss_mask"][:, 1:].sum()
     num_seqs = batch["input_ids"].shape[0]
@@ -118,8 +135,9 @@ def accumulated_grad(model: torch.nn.Module, fn: LossFn, batch: Batch, agg: str,
     return flat_grad(model)
 
 
-def data_parallel_grad(model: torch.nn.Module, fn: LossFn, batch: Batch, agg: str,
-                       world_size: int) -> torch.Tensor:
+def data_parallel_grad(
+    model: torch.nn.Module, fn: LossFn, batch: Batch, agg: str, world_size: int
+) -> torch.Tensor:
     """Simulated DDP: each rank backprops world_size * loss(shard); gradients are averaged."""
     num_tokens = batch["loss_mask"][:, 1:].sum()
     num_seqs = batch["input_ids"].shape[0]
@@ -190,8 +208,11 @@ MODEL = tiny_model(seed=3)
 
 
 @settings(max_examples=30, deadline=None)
-@given(case=batches_and_splits(), agg=st.sampled_from(["token_mean", "seq_mean"]),
-       loss_name=st.sampled_from(sorted(LOSSES)))
+@given(
+    case=batches_and_splits(),
+    agg=st.sampled_from(["token_mean", "seq_mean"]),
+    loss_name=st.sampled_from(sorted(LOSSES)),
+)
 def test_random_splits_property(case, agg, loss_name) -> None:  # type: ignore[no-untyped-def]
     prompts, responses, sizes, seed = case
     batch = make_batch(prompts, responses, seed)

@@ -61,9 +61,7 @@ def test_masked_sum_and_mean_match_loops() -> None:
     count = sum(ms[b][t] for b in range(5) for t in range(7))
     assert masked_sum(x, mask).item() == pytest.approx(total)
     assert masked_mean(x, mask).item() == pytest.approx(total / count)
-    row_means = [
-        sum(xs[b][t] for t in range(7) if ms[b][t]) / sum(ms[b]) for b in range(5)
-    ]
+    row_means = [sum(xs[b][t] for t in range(7) if ms[b][t]) / sum(ms[b]) for b in range(5)]
     assert masked_mean(x, mask, dim=-1).tolist() == pytest.approx(row_means)
     col_sums = [sum(xs[b][t] for b in range(5) if ms[b][t]) for t in range(7)]
     assert masked_sum(x, mask.float(), dim=0).tolist() == pytest.approx(col_sums)
@@ -85,7 +83,9 @@ def test_aggregate_matches_loops(mask_kind: str) -> None:
     mask = ragged_mask(6, 9, gen) if mask_kind == "ragged" else holey_mask(6, 9, gen)
     ls, ms = loss.tolist(), mask.tolist()
     tok_vals = [ls[b][t] for b in range(6) for t in range(9) if ms[b][t]]
-    assert aggregate(loss, mask, "token_mean").item() == pytest.approx(sum(tok_vals) / len(tok_vals))
+    assert aggregate(loss, mask, "token_mean").item() == pytest.approx(
+        sum(tok_vals) / len(tok_vals)
+    )
     seq_means = []
     for b in range(6):
         vals = [ls[b][t] for t in range(9) if ms[b][t]]
@@ -175,7 +175,9 @@ def test_sft_loss_token_mean_equals_cross_entropy_with_ignore_index() -> None:
         [[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0, 0]], dtype=torch.bool
     )
     labels = ids.masked_fill(~loss_mask, -100)[:, 1:]
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels.reshape(-1), ignore_index=-100)
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 13), labels.reshape(-1), ignore_index=-100
+    )
     got = sft_loss(logits, ids, loss_mask)
     assert got.item() == pytest.approx(expected.item(), rel=1e-12)
 
@@ -285,8 +287,14 @@ def naive_dpo(pc, pr, rc, rr, beta, loss_type, eps):  # type: ignore[no-untyped-
 
 @pytest.mark.parametrize(
     "loss_type,beta,eps",
-    [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("sigmoid", 0.1, 0.1), ("sigmoid", 1.0, 0.3),
-     ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0)],
+    [
+        ("sigmoid", 0.1, 0.0),
+        ("sigmoid", 0.5, 0.0),
+        ("sigmoid", 0.1, 0.1),
+        ("sigmoid", 1.0, 0.3),
+        ("ipo", 0.1, 0.0),
+        ("ipo", 0.5, 0.0),
+    ],
 )
 def test_dpo_matches_loop(loss_type: str, beta: float, eps: float) -> None:
     gen = torch.Generator().manual_seed(10)
@@ -359,7 +367,13 @@ def test_ppo_policy_loss_matches_loop(aggregation: str, clip_high, dual) -> None
     adv = torch.randn(B, A, generator=gen, dtype=DT)
     mask = ragged_mask(B, A, gen)
     loss, metrics = ppo_policy_loss(
-        logp, old, adv, mask, clip_eps=0.2, clip_eps_high=clip_high, dual_clip=dual,
+        logp,
+        old,
+        adv,
+        mask,
+        clip_eps=0.2,
+        clip_eps_high=clip_high,
+        dual_clip=dual,
         aggregation=aggregation,
     )
     hi = 0.2 if clip_high is None else clip_high
@@ -397,8 +411,9 @@ def test_ppo_policy_loss_matches_loop(aggregation: str, clip_high, dual) -> None
 def test_ppo_policy_loss_hand_values() -> None:
     def one(ratio: float, adv: float, **kw):  # type: ignore[no-untyped-def]
         lp = torch.tensor([[math.log(ratio)]], dtype=DT)
-        return ppo_policy_loss(lp, torch.zeros_like(lp), torch.tensor([[adv]], dtype=DT),
-                               torch.ones(1, 1), **kw)
+        return ppo_policy_loss(
+            lp, torch.zeros_like(lp), torch.tensor([[adv]], dtype=DT), torch.ones(1, 1), **kw
+        )
 
     assert one(1.0, 2.0)[0].item() == pytest.approx(-2.0)  # on-policy: -A
     assert one(1.5, 1.0)[0].item() == pytest.approx(-1.2)  # clipped at 1 + eps
@@ -487,10 +502,14 @@ FORBIDDEN = ("ray", "vllm", "deepspeed", "transformers")
     ],
 )
 def test_module_imports_no_heavy_stack(module: str, forbidden: tuple[str, ...]) -> None:
+    """Import in a fresh interpreter (a package with all its submodules) and list sys.modules."""
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} does not exist yet")
     code = (
-        f"import sys, {module}\n"
+        "import importlib, pkgutil, sys\n"
+        f"mod = importlib.import_module({module!r})\n"
+        "for info in pkgutil.iter_modules(getattr(mod, '__path__', [])):\n"
+        "    importlib.import_module(mod.__name__ + '.' + info.name)\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
         "print(','.join(bad))\n"
     )

@@ -1,0 +1,89 @@
+"""Driver-only logging: W&B (online, offline or disabled), the console, and ``summary.json``.
+
+Workers return flat metric dicts; only the driver logs them, under namespaced keys
+(``rollout/*``, ``reward/*``, ``policy/*``, ``value/*``, ``kl/*``, ``perf/*``, ``eval/*`` ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhf_ray.configs import LoggingConfig
+
+NAMESPACES = ("rollout", "reward", "policy", "value", "kl", "perf", "eval", "train", "sync",
+              "data", "dpo", "rm", "sft", "rs", "prefs")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+class RunLogger:
+    """Logs metrics for one run and keeps what ``summary.json`` needs."""
+
+    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, config: dict, recipe: str):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.recipe, self.cfg = recipe, cfg
+        self.first: dict[str, float] = {}
+        self.final: dict[str, float] = {}
+        self.phases: dict[str, float] = {}
+        self.start = time.time()
+        self.wandb = None
+        if cfg.wandb_mode != "disabled":
+            import wandb
+
+            if cfg.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
+                raise ValueError("logging.wandb_mode=online needs WANDB_API_KEY; "
+                                 "use offline or disabled")
+            self.wandb = wandb.init(project=cfg.project, name=cfg.run_name or self.run_dir.name,
+                                    dir=str(self.run_dir), mode=cfg.wandb_mode, config=config,
+                                    job_type=recipe, reinit="finish_previous")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            if key.split("/", 1)[0] not in NAMESPACES or "/" not in key:
+                raise ValueError(f"metric '{key}' has no known namespace ({', '.join(NAMESPACES)})")
+            value = float(value)
+            if math.isfinite(value):
+                self.first.setdefault(key, value)
+                self.final[key] = value
+        if self.wandb is not None and step % max(self.cfg.log_every, 1) == 0:
+            self.wandb.log(metrics, step=step)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase of the run (summed if entered several times)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+    def summary(self, outputs: dict[str, str], extra: dict | None = None) -> dict:
+        return {
+            "recipe": self.recipe,
+            "metrics": {k: {"first": self.first[k], "final": self.final[k]} for k in sorted(self.final)},
+            "outputs": outputs,
+            "phases_s": {k: round(v, 3) for k, v in self.phases.items()},
+            "wall_s": round(time.time() - self.start, 3),
+            **(extra or {}),
+        }
+
+    def finish(self, outputs: dict[str, str], extra: dict | None = None) -> dict:
+        """Write ``summary.json`` and close W&B; returns the summary."""
+        summary = self.summary(outputs, extra)
+        if self.wandb is not None:
+            summary["wandb_dir"] = str(Path(self.wandb.dir).parent)
+            self.wandb.finish()
+            self.wandb = None
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary

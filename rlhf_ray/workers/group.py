@@ -1,0 +1,224 @@
+"""WorkerGroup: N Ray actors of one role, placed, ranked, called together, failing clearly.
+
+    group = WorkerGroup(RolloutWorker, "rollout", 2, args=(cfg.rollout, model_path),
+                        resources=WorkerResources(num_cpus=0.5))
+    results = group.call("generate", prompts)          # same arguments to every worker
+    results = group.call_each("generate", [[a], [b]])  # one argument tuple per worker
+    group.shutdown()
+
+A failure or timeout raises :class:`WorkerError` naming the role, rank, node and cause.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+class WorkerError(RuntimeError):
+    """A worker failed or timed out; the message names role, rank, node and cause."""
+
+    def __init__(self, role: str, rank: int, node: str, cause: str):
+        self.role, self.rank, self.node, self.cause = role, rank, node, cause
+        super().__init__(f"{role} worker rank {rank} on node {node} failed: {cause}")
+
+
+@dataclass
+class WorkerResources:
+    """Ray resources reserved for each worker of a group."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    custom: dict[str, float] = field(default_factory=dict)
+    placement: str = "none"  # "none", "pack" or "spread": a placement group for the whole group
+
+
+class Worker:
+    """Base of every role's actor: identity, node info and the rendezvous environment."""
+
+    role = "worker"
+
+    def node_info(self) -> dict:
+        return {"ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
+                "pid": os.getpid(), "free_port": _free_port()}
+
+    def set_rank_env(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                     local_rank: int) -> None:
+        """torch.distributed rendezvous variables, set before any process group starts."""
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size),
+                           "LOCAL_RANK": str(local_rank), "MASTER_ADDR": master_addr,
+                           "MASTER_PORT": str(master_port)})
+        self.rank, self.world_size = rank, world_size
+
+    def health(self) -> dict:
+        return {"role": self.role, "pid": os.getpid(), "ok": True}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost readable cause of a Ray error."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        inner = error.cause if getattr(error, "cause", None) is not None else error
+        return f"{type(inner).__name__}: {inner}".split("\n\nTraceback")[0].strip()
+    if isinstance(error, ray.exceptions.RayActorError):
+        # A failed __init__ carries its traceback as text: report its last "XError: ..." line.
+        lines = [ln.strip() for ln in str(error).splitlines()]
+        raised = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)]
+        return f"actor died: {raised[-1] if raised else lines[0]}"
+    return f"{type(error).__name__}: {error}"
+
+
+class WorkerGroup:
+    """N actors of one role with per-worker resources; calls fan out and gather with a timeout."""
+
+    def __init__(self, actor_cls: type, role: str, num_workers: int, args: Sequence = (),
+                 kwargs: dict | None = None, resources: WorkerResources | None = None,
+                 distributed: bool = False, timeout_s: float = 600.0):
+        self.actor_cls, self.role, self.args = actor_cls, role, tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.resources = resources or WorkerResources()
+        self.distributed, self.timeout_s = distributed, timeout_s
+        self.workers: list[Any] = []
+        self.nodes: list[str] = []
+        self._pg = None
+        self._remote_cls = ray.remote(actor_cls)
+        self.add(num_workers)
+
+    # ------------------------------------------------------------------ membership
+
+    def _options(self, bundle_index: int | None) -> dict:
+        r = self.resources
+        opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_restarts": 0,
+                                "max_task_retries": 0}
+        if r.custom:
+            opts["resources"] = dict(r.custom)
+        if self._pg is not None and bundle_index is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self._pg, placement_group_bundle_index=bundle_index)
+        return opts
+
+    def add(self, n: int) -> list[int]:
+        """Start ``n`` more workers (scale out); returns their ranks."""
+        if n < 0:
+            raise ValueError(f"{self.role}: cannot add {n} workers")
+        start = len(self.workers)
+        if self.resources.placement != "none" and start == 0 and n > 0:
+            bundle = {"CPU": self.resources.num_cpus, "GPU": self.resources.num_gpus,
+                      **self.resources.custom}
+            bundle = {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}
+            strategy = "PACK" if self.resources.placement == "pack" else "SPREAD"
+            self._pg = placement_group([bundle] * n, strategy=strategy)
+            self._gather([self._pg.ready()], [0], "placement group")
+        new = []
+        for i in range(n):
+            index = start + i if self._pg is not None and start + i < self._pg.bundle_count else None
+            handle = self._remote_cls.options(**self._options(index)).remote(*self.args, **self.kwargs)
+            new.append(handle)
+        self.workers.extend(new)
+        self.nodes.extend(["unknown"] * n)
+        ranks = list(range(start, start + n))
+        infos = self._gather([w.node_info.remote() for w in new], ranks, "start")
+        for rank, info in zip(ranks, infos):
+            self.nodes[rank] = f"{info['ip']} ({info['host']}, pid {info['pid']})"
+        if self.distributed:
+            self._rendezvous(infos[0] if start == 0 else None)
+        return ranks
+
+    def _rendezvous(self, master: dict | None) -> None:
+        if master is None:
+            raise ValueError(f"{self.role}: a distributed group cannot grow after start")
+        by_node: dict[str, int] = {}
+        refs = []
+        for rank, worker in enumerate(self.workers):
+            node = self.nodes[rank].split(" ")[0]
+            local_rank = by_node.get(node, 0)
+            by_node[node] = local_rank + 1
+            refs.append(worker.set_rank_env.remote(rank, len(self.workers), master["ip"],
+                                                   master["free_port"], local_rank))
+        self._gather(refs, list(range(len(self.workers))), "rendezvous")
+
+    def remove(self, n: int) -> None:
+        """Stop the last ``n`` workers (scale in), letting each shut down cleanly."""
+        if n > len(self.workers) - 1:
+            raise ValueError(f"{self.role}: cannot remove {n} of {len(self.workers)} workers "
+                             "(at least one must stay)")
+        if n == 0:
+            return
+        self._stop(list(range(len(self.workers) - n, len(self.workers))))
+        del self.workers[-n:]
+        del self.nodes[-n:]
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    # ------------------------------------------------------------------ calls
+
+    def submit(self, rank: int, method: str, *args, **kwargs) -> ray.ObjectRef:
+        return getattr(self.workers[rank], method).remote(*args, **kwargs)
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """Call ``method`` with the same arguments on every worker; one result per rank."""
+        refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+        return self._gather(refs, list(range(len(refs))), method)
+
+    def call_each(self, method: str, args_per_worker: Sequence[Sequence]) -> list:
+        """Call ``method`` on worker i with ``args_per_worker[i]``."""
+        if len(args_per_worker) != len(self.workers):
+            raise ValueError(f"{self.role}.{method}: {len(args_per_worker)} argument sets for "
+                             f"{len(self.workers)} workers")
+        refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, args_per_worker)]
+        return self._gather(refs, list(range(len(refs))), method)
+
+    def get(self, refs: Sequence[ray.ObjectRef], ranks: Sequence[int], what: str = "call") -> list:
+        """Gather refs submitted with :meth:`submit`, attributing failures to ranks."""
+        return self._gather(list(refs), list(ranks), what)
+
+    def _gather(self, refs: list, ranks: list[int], what: str) -> list:
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            rank = ranks[refs.index(pending[0])]
+            raise WorkerError(self.role, rank, self._node(rank),
+                              f"'{what}' timed out after {self.timeout_s:.0f} s")
+        results = []
+        for ref, rank in zip(refs, ranks):
+            try:
+                results.append(ray.get(ref))
+            except Exception as e:  # attribute the failure to its worker
+                raise WorkerError(self.role, rank, self._node(rank), f"'{what}': {_cause(e)}") from e
+        return results
+
+    def _node(self, rank: int) -> str:
+        return self.nodes[rank] if rank < len(self.nodes) else "unknown"
+
+    # ------------------------------------------------------------------ teardown
+
+    def _stop(self, ranks: list[int]) -> None:
+        refs = []
+        for rank in ranks:
+            if hasattr(self.actor_cls, "shutdown"):
+                refs.append(self.workers[rank].shutdown.remote())
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=60)
+        for rank in ranks:
+            ray.kill(self.workers[rank], no_restart=True)
+
+    def shutdown(self) -> None:
+        """Shut every worker down cleanly, then kill it and free the placement group."""
+        self._stop(list(range(len(self.workers))))
+        self.workers, self.nodes = [], []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None

@@ -1,0 +1,486 @@
+"""LearnerWorker: a DeepSpeed engine (ZeRO 0-3) in a Ray actor; one data-parallel rank.
+
+    group = WorkerGroup(LearnerWorker, "learner", D, args=(path, cfg.learner, cfg.optim),
+                        distributed=True)        # actors + set_rank_env on each
+    group.call("init")                           # process group, model, engine (all ranks)
+    metrics = group.call_each("sft_step", [(shard,) for shard in shards])[0]
+    state = group.call("get_state_dict")[0]      # full weights on rank 0
+
+Every training step, ``evaluate`` and (under ZeRO-3) every forward is collective: call it on
+all ranks, each with its shard of the global batch.
+
+Global normalisation. A step's loss is normalised by the GLOBAL count (response tokens for
+``token_mean``, sequences for ``seq_mean``, pairs for DPO/RM), all-reduced over the ranks
+unless the caller passes it. Micro-batch losses then sum to the full-batch loss over every
+rank, and accumulating their gradients gives the full-batch gradient. DeepSpeed averages
+gradients over the ``world_size`` ranks, so each backward uses ``loss * world_size``: the
+averaged gradient equals the gradient of one rank holding the whole batch. Ranks run the
+same number of micro-batches (the maximum over ranks; a rank that runs out repeats its last
+micro-batch with weight 0) because ZeRO-2/3 reduce gradients inside every backward.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from rlhf_ray.assets import resolve_model
+from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
+from rlhf_ray.configs import LearnerConfig, OptimConfig
+from rlhf_ray.workers import learner_utils as lu
+from rlhf_ray.workers.group import Worker, _free_port
+
+ModelKind = Literal["causal_lm", "reward"]
+Plan = tuple  # (engines [(engine, metric prefix)], micro-batches, loss_fn)
+
+
+class LearnerWorker(Worker):
+    """One learner rank: the policy (or reward model) engine and, optionally, a value engine."""
+
+    role = "learner"
+
+    def __init__(self, model_path: str, learner: LearnerConfig, optim: OptimConfig,
+                 dtype: str = "float32", model_kind: ModelKind = "causal_lm",
+                 with_value: bool = False, total_steps: int | None = None, seed: int = 0,
+                 value_model_path: str | None = None, value_optim: OptimConfig | None = None):
+        import torch
+
+        if model_kind not in ("causal_lm", "reward"):
+            raise ValueError(f"learner: model_kind must be 'causal_lm' or 'reward', got {model_kind!r}")
+        if with_value and model_kind != "causal_lm":
+            raise ValueError("learner: with_value needs model_kind='causal_lm'")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"learner: dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.zeros(2).sum()  # the first tensor call is slow; pay it at start-up
+        self.model_path, self.learner, self.optim, self.dtype = model_path, learner, optim, dtype
+        self.model_kind, self.with_value, self.total_steps = model_kind, with_value, total_steps
+        self.seed, self.value_model_path = seed, value_model_path
+        self.value_optim = value_optim or optim
+        self.rank, self.world_size = 0, 1
+        self.model = self.value = None  # DeepSpeed engines, built by init()
+        self.path = self.device = None
+        self.pad_id = 0
+        self._hf_ds_config = None
+        self._shm_file: str | None = None
+
+    # ------------------------------------------------------------------ start and stop
+
+    def init(self) -> dict:
+        """Join the process group, load the model(s), build the engine(s). Call on all ranks."""
+        import torch
+
+        t0 = time.perf_counter()
+        self.path = resolve_model(self.model_path, role="learner")
+        value_path = (resolve_model(self.value_model_path or self.model_path, role="learner")
+                      if self.with_value else None)
+        self._init_distributed()
+        torch.manual_seed(self.seed)
+        cfg = lu.ds_config(self.learner, self.optim, self.dtype)
+        if self.learner.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # from_pretrained partitions at load time while this object is alive (a weakref).
+            self._hf_ds_config = HfDeepSpeedConfig(cfg)
+        self.model = self._engine(lu.load_model(self.path, self.model_kind, self.dtype), self.optim)
+        if value_path:
+            self.value = self._engine(lu.load_model(value_path, "value", self.dtype), self.value_optim)
+        self.pad_id = self.model.module.config.pad_token_id or 0
+        self.device = self.model.device
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.module.parameters())
+        return {"rank": self.rank, "world_size": self.world_size, "parameters": n_params,
+                "zero_stage": self.learner.zero_stage, "init_s": time.perf_counter() - t0}
+
+    def _init_distributed(self) -> None:
+        import deepspeed
+        import torch
+
+        if "RANK" not in os.environ:  # a lone learner outside a distributed WorkerGroup
+            self.set_rank_env(0, 1, "127.0.0.1", _free_port(), 0)
+        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        backend = self.learner.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0 if torch.cuda.device_count() == 1
+                                  else int(os.environ.get("LOCAL_RANK", 0)))
+        shm = lu.shm_buffer_path()
+        self._shm_file = None if os.path.exists(shm) else shm  # only remove what we create
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+    def _engine(self, module, optim: OptimConfig):
+        import deepspeed
+        import torch
+
+        if self.learner.gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.config.use_cache = False
+        optimizer = lu.build_optimizer(module, optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lu.lr_schedule(optim, self.total_steps))
+        engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=lu.ds_config(self.learner, optim, self.dtype))
+        return engine
+
+    def shutdown(self) -> None:
+        """Destroy the process group and remove this rank's DeepSpeed shm buffer."""
+        import torch.distributed as dist
+
+        self.model = self.value = self._hf_ds_config = None
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if self._shm_file and os.path.exists(self._shm_file):
+            os.remove(self._shm_file)
+
+    # ------------------------------------------------------------------ training steps
+
+    def sft_step(self, batch: SequenceBatch, num_tokens_global: int | None = None,
+                 aggregation: str = "token_mean", num_seqs_global: int | None = None) -> dict:
+        """One optimizer step of response-only cross entropy over this rank's shard."""
+        return self._train(self._sft_plan(batch, num_tokens_global, aggregation, num_seqs_global))
+
+    def ppo_step(self, batch: ExperienceBatch, clip_eps: float = 0.2,
+                 clip_eps_high: float | None = None, dual_clip: float | None = None,
+                 kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 value_clip_eps: float | None = None, aggregation: str = "token_mean",
+                 num_tokens_global: int | None = None, num_seqs_global: int | None = None) -> dict:
+        """One clipped-surrogate step (plus KL-in-loss with ``kl_coef``), and one value step
+        when the learner has a value model. ``old_logprobs=None`` means on-policy (ratio 1)."""
+        from rlhf_ray.losses import (
+            entropy_from_logits,
+            kl_penalty_loss,
+            masked_sum,
+            ppo_policy_loss,
+            token_logprobs,
+            value_loss,
+        )
+
+        self._need("causal_lm", "ppo_step")
+        if batch.advantages is None:
+            raise ValueError("learner.ppo_step: the batch has no advantages")
+        if self.value is not None and batch.returns is None:
+            raise ValueError("learner.ppo_step: a value model needs batch.returns")
+        if kl_coef and batch.ref_logprobs is None:
+            raise ValueError("learner.ppo_step: kl_coef > 0 needs batch.ref_logprobs")
+        n_tok, n_seq, real_tok = self._counts(batch.response_mask.sum(), len(batch),
+                                              num_tokens_global, num_seqs_global)
+        agg = dict(aggregation=aggregation, num_tokens=n_tok, num_seqs=n_seq)
+
+        def loss_fn(mb: ExperienceBatch):
+            import torch
+
+            mask = mb.response_mask
+            share = mask.sum() / real_tok  # weight of this micro-batch's token-mean metrics
+            logits = self._forward(self.model, mb).logits
+            logprobs = token_logprobs(logits, mb.input_ids)
+            old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+            loss, m = ppo_policy_loss(logprobs, old, mb.advantages, mask, clip_eps,
+                                      clip_eps_high, dual_clip, **agg)
+            stats = {"policy/loss": loss, **{f"policy/{k}": v * share for k, v in m.items()}}
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits[:, :-1].float())
+                stats["policy/entropy"] = masked_sum(entropy, mask) / real_tok
+            if mb.ref_logprobs is not None:
+                kl = kl_penalty_loss(logprobs, mb.ref_logprobs, mask, kl_estimator, **agg)
+                stats["kl/ref"] = kl
+                if kl_coef:
+                    loss = loss + kl_coef * kl
+            losses = [loss]
+            if self.value is not None:
+                values = self._values(self.value, mb)
+                old_v = values.detach() if mb.old_values is None else mb.old_values
+                v_loss, vm = value_loss(values, old_v, mb.returns, mask, value_clip_eps, **agg)
+                losses.append(v_loss)
+                stats.update({"value/loss": v_loss, "value/clip_frac": vm["value_clip_frac"] * share,
+                              "value/mean": vm["values_mean"] * share})
+            stats["perf/tokens"] = mb.attention_mask.sum()
+            return losses, stats
+
+        engines = [(self.model, "policy")] + ([(self.value, "value")] if self.value else [])
+        return self._train((engines, self._split(batch), loss_fn))
+
+    def dpo_step(self, batch: PreferenceBatch, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, num_pairs_global: int | None = None) -> dict:
+        """One DPO/IPO step; the batch carries the reference log-probs (summed per response)."""
+        return self._train(self._dpo_plan(batch, beta, loss_type, label_smoothing, num_pairs_global))
+
+    def rm_step(self, batch: PreferenceBatch, margin: float = 0.0,
+                num_pairs_global: int | None = None) -> dict:
+        """One pairwise (Bradley-Terry) step on the scalar head at the last real token."""
+        return self._train(self._rm_plan(batch, margin, num_pairs_global))
+
+    def evaluate(self, batch, kind: Literal["sft", "dpo", "rm"], **kwargs) -> dict:
+        """Held-out ``eval/*`` metrics (global over ranks) without updating. Collective."""
+        plans = {"sft": self._sft_plan, "dpo": self._dpo_plan, "rm": self._rm_plan}
+        if kind not in plans:
+            raise ValueError(f"learner.evaluate: kind must be one of {sorted(plans)}, got {kind!r}")
+        engines, micro_batches, loss_fn = plans[kind](batch, **kwargs)
+        for engine, _ in engines:
+            engine.eval()
+        stats = self._loop(micro_batches, loss_fn, [], train=False, collective=True)
+        return {f"eval/{k.split('/', 1)[1]}": v for k, v in stats.items()}
+
+    # ------------------------------------------------------------------ loss plans
+
+    def _sft_plan(self, batch: SequenceBatch, num_tokens_global=None, aggregation="token_mean",
+                  num_seqs_global=None) -> Plan:
+        from rlhf_ray.losses import sft_loss
+
+        self._need("causal_lm", "sft")
+        n_tok, n_seq, _ = self._counts(batch.response_mask.sum(), len(batch),
+                                       num_tokens_global, num_seqs_global)
+
+        def loss_fn(mb: SequenceBatch):
+            logits = self._forward(self.model, mb).logits
+            loss = sft_loss(logits, mb.input_ids, mb.loss_mask, aggregation, n_tok, n_seq)
+            return [loss], {"policy/loss": loss, "perf/tokens": mb.attention_mask.sum()}
+
+        return [(self.model, "policy")], self._split(batch), loss_fn
+
+    def _dpo_plan(self, batch: PreferenceBatch, beta=0.1, loss_type="sigmoid",
+                  label_smoothing=0.0, num_pairs_global=None) -> Plan:
+        from rlhf_ray.losses import dpo_loss, sequence_logprobs
+
+        self._need("causal_lm", "dpo")
+        if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
+            raise ValueError("learner dpo: the batch needs ref_chosen_logps and ref_rejected_logps "
+                             "(from a ReferenceServer)")
+        n = self._counts(0, len(batch), None, num_pairs_global)[1]
+
+        def loss_fn(mb: PreferenceBatch):
+            both = lu.stack_pairs(mb, self.pad_id)
+            logps = sequence_logprobs(self._forward(self.model, both).logits, both.input_ids,
+                                      both.loss_mask)
+            b = len(mb)
+            out = dpo_loss(logps[:b], logps[b:], mb.ref_chosen_logps, mb.ref_rejected_logps,
+                           beta, loss_type, label_smoothing)
+            loss = out.loss * (b / n)
+            return [loss], {"dpo/loss": loss, "dpo/accuracy": out.accuracy * (b / n),
+                            "dpo/chosen_rewards": out.chosen_rewards.sum() / n,
+                            "dpo/rejected_rewards": out.rejected_rewards.sum() / n,
+                            "dpo/margin": out.margins.sum() / n,
+                            "dpo/chosen_logps": logps[:b].detach().sum() / n,
+                            "perf/tokens": both.attention_mask.sum()}
+
+        return [(self.model, "policy")], self._split_pairs(batch), loss_fn
+
+    def _rm_plan(self, batch: PreferenceBatch, margin=0.0, num_pairs_global=None) -> Plan:
+        from rlhf_ray.losses import pairwise_reward_loss
+
+        self._need("reward", "rm")
+        n = self._counts(0, len(batch), None, num_pairs_global)[1]
+
+        def loss_fn(mb: PreferenceBatch):
+            scores = self._scores(self.model, lu.stack_pairs(mb, self.pad_id))
+            b = len(mb)
+            out = pairwise_reward_loss(scores[:b], scores[b:], margin or None)
+            w = b / n
+            return [out.loss * w], {"rm/loss": out.loss * w, "rm/accuracy": out.accuracy * w,
+                                    "rm/chosen_score": out.chosen_mean * w,
+                                    "rm/rejected_score": out.rejected_mean * w,
+                                    "rm/margin": out.margin_mean * w,
+                                    "perf/tokens": mb.chosen.attention_mask.sum()
+                                    + mb.rejected.attention_mask.sum()}
+
+        return [(self.model, "rm")], self._split_pairs(batch), loss_fn
+
+    # ------------------------------------------------------------------ the step loop
+
+    def _train(self, plan: Plan) -> dict:
+        import torch
+
+        t0 = time.perf_counter()
+        engines, micro_batches, loss_fn = plan
+        lrs = {prefix: float(engine.get_lr()[0]) for engine, prefix in engines}
+        for engine, _ in engines:
+            engine.train()
+        metrics = self._loop(micro_batches, loss_fn, [e for e, _ in engines], train=True,
+                             collective=True)
+        for engine, prefix in engines:
+            own_norm = None
+            if not engine.zero_optimization() and not engine.bfloat16_enabled():
+                # ZeRO-0 fp32 clips without recording the norm: measure the (averaged) grads.
+                grads = [p.grad.detach().float().norm() for p in engine.module.parameters()
+                         if p.grad is not None]
+                own_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            engine.step()
+            norm = engine.get_global_grad_norm() if own_norm is None else own_norm
+            metrics[f"{prefix}/grad_norm"] = float(norm) if norm is not None else math.nan
+            metrics[f"{prefix}/lr"] = lrs[prefix]
+        metrics["perf/train_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _loop(self, micro_batches: list, loss_fn: Callable, engines: list, train: bool,
+              collective: bool) -> dict[str, float]:
+        """Run ``loss_fn`` on every micro-batch (backward when training); sum the stats over
+        micro-batches and ranks. Ranks run the same number of micro-batches."""
+        import torch
+
+        n = len(micro_batches)
+        steps = self._steps(n, collective)
+        sums: dict[str, torch.Tensor] = {}
+        for i in range(steps):
+            real = i < n
+            mb = lu.to_device(micro_batches[min(i, n - 1)], self.device)
+            for engine in engines:
+                engine.set_gradient_accumulation_boundary(i == steps - 1)
+            with torch.set_grad_enabled(train):
+                losses, stats = loss_fn(mb)
+            for engine, loss in zip(engines, losses):
+                engine.backward(loss * (self.world_size if real else 0.0))
+            if real:
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double()
+        keys = sorted(sums)
+        values = self._all_reduce([float(sums[k]) for k in keys]) if collective else \
+            [float(sums[k]) for k in keys]
+        return dict(zip(keys, values))
+
+    # ------------------------------------------------------------------ inference
+
+    def forward_logprobs(self, batch: SequenceBatch):
+        """(B, T-1) fp32 next-token log-probs, no grad (0 beyond each micro-batch's width)."""
+        from rlhf_ray.losses import token_logprobs
+
+        self._need("causal_lm", "forward_logprobs")
+        return self._infer(self.model, batch, lambda mb: token_logprobs(
+            self._forward(self.model, mb).logits, mb.input_ids), shift=1)
+
+    def forward_values(self, batch: SequenceBatch):
+        """(B, T-1) fp32 values: entry j is the value of the state before token j+1."""
+        if self.value is None:
+            raise ValueError("learner.forward_values: this learner has no value model")
+        return self._infer(self.value, batch, lambda mb: self._values(self.value, mb), shift=1)
+
+    def forward_scores(self, batch: SequenceBatch):
+        """(B,) fp32 reward-head scores at each sequence's last real token."""
+        self._need("reward", "forward_scores")
+        return self._infer(self.model, batch, lambda mb: self._scores(self.model, mb), shift=None)
+
+    def _infer(self, engine, batch: SequenceBatch, fn: Callable, shift: int | None):
+        import torch
+
+        engine.eval()
+        B, T = batch.input_ids.shape
+        out = torch.zeros((B,) if shift is None else (B, T - shift), dtype=torch.float32)
+        micro = lu.split_rows(batch, self.learner.micro_batch_size)
+        n = len(micro)
+        # Under ZeRO-3 every forward gathers parameters: all ranks run the same count.
+        steps = self._steps(n, collective=self.learner.zero_stage == 3)
+        row = 0
+        with torch.no_grad():
+            for i in range(steps):
+                res = fn(lu.to_device(micro[min(i, n - 1)], self.device)).float().cpu()
+                if i < n:
+                    rows = slice(row, row + len(micro[i]))
+                    if shift is None:
+                        out[rows] = res
+                    else:
+                        out[rows, : res.shape[1]] = res
+                    row += len(micro[i])
+        return out
+
+    def _forward(self, engine, mb: SequenceBatch):
+        return engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+
+    def _values(self, engine, mb: SequenceBatch):
+        return self._forward(engine, mb).logits.squeeze(-1)[:, :-1].float()
+
+    def _scores(self, engine, mb: SequenceBatch):
+        import torch
+
+        captured = []
+        hook = lu.scalar_head(engine.module).register_forward_hook(
+            lambda module, args, output: captured.append(output))
+        try:
+            self._forward(engine, mb)
+        finally:
+            hook.remove()
+        per_token = captured[-1].squeeze(-1).float()  # (B, T)
+        rows = torch.arange(per_token.shape[0], device=per_token.device)
+        return per_token[rows, lu.last_token_index(mb.attention_mask)]
+
+    # ------------------------------------------------------------------ weights
+
+    def get_state_dict(self, model: Literal["policy", "value"] = "policy") -> dict:
+        """Full CPU weights (HF names) on rank 0, {} elsewhere. Collective under ZeRO-3."""
+        engine = self.value if model == "value" else self.model
+        if engine is None:
+            raise ValueError(f"learner.get_state_dict: no {model} model")
+        return lu.full_state_dict(engine.module, self.learner.zero_stage == 3, self.rank == 0)
+
+    def export_hf(self, path: str) -> str | None:
+        """Write the policy (or reward model) as a HF folder with the tokenizer (rank 0)."""
+        import torch.distributed as dist
+
+        state = self.get_state_dict()
+        if self.rank == 0:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self.model.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            lu.copy_tokenizer(self.path, path)
+        if self.world_size > 1:
+            dist.barrier()
+        return path if self.rank == 0 else None
+
+    def save_checkpoint(self, directory: str, tag: str | None = None,
+                        client_state: dict | None = None) -> str:
+        """DeepSpeed checkpoint (weights, optimizer, LR schedule) of every engine. All ranks."""
+        for engine, name in self._named_engines():
+            engine.save_checkpoint(str(Path(directory) / name), tag=tag,
+                                   client_state=dict(client_state or {}))
+        return directory
+
+    def load_checkpoint(self, directory: str, tag: str | None = None) -> dict:
+        """Restore what ``save_checkpoint`` wrote; returns its client_state. All ranks."""
+        client_state: dict = {}
+        for engine, name in self._named_engines():
+            load_path, state = engine.load_checkpoint(str(Path(directory) / name), tag=tag)
+            if load_path is None:
+                raise FileNotFoundError(f"learner rank {self.rank}: no {name} checkpoint in "
+                                        f"{Path(directory) / name} (tag {tag!r})")
+            client_state = client_state or dict(state or {})
+        return client_state
+
+    # ------------------------------------------------------------------ helpers
+
+    def _named_engines(self) -> list:
+        return [(self.model, "policy")] + ([(self.value, "value")] if self.value else [])
+
+    def _need(self, kind: str, what: str) -> None:
+        if self.model is None:
+            raise RuntimeError(f"learner rank {self.rank}: call init() before {what}")
+        if self.model_kind != kind:
+            raise ValueError(f"learner: {what} needs model_kind={kind!r}, this learner has "
+                             f"{self.model_kind!r}")
+
+    def _split(self, batch: SequenceBatch) -> list:
+        return lu.split_rows(batch, self.learner.micro_batch_size)
+
+    def _split_pairs(self, batch: PreferenceBatch) -> list:
+        return lu.split_pairs(batch, max(1, self.learner.micro_batch_size // 2))  # 2 rows a pair
+
+    def _counts(self, tokens, seqs: int, tokens_global, seqs_global) -> tuple[float, float, float]:
+        """(token normaliser, sequence normaliser, real global tokens), all-reduced."""
+        real_tok, real_seq = self._all_reduce([float(tokens), float(seqs)])
+        return (float(tokens_global or real_tok), float(seqs_global or real_seq),
+                max(real_tok, 1.0))
+
+    def _steps(self, n: int, collective: bool) -> int:
+        """Micro-batches to run: the maximum over ranks when the loop is collective."""
+        if n == 0:
+            raise ValueError(f"learner rank {self.rank}: empty batch (every rank needs rows)")
+        return int(self._all_reduce([n], "max")[0]) if collective else n
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        if self.world_size == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()

@@ -1,0 +1,52 @@
+"""ReferenceServer: a frozen model that returns per-token log-probs of given episodes."""
+
+from __future__ import annotations
+
+from rlhf_ray.batch import Episode, SequenceBatch
+from rlhf_ray.workers.group import Worker
+
+
+def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_size: int) -> list[list[float]]:
+    """Log-probs (A_i,) of each episode's response tokens under ``model``, fp32, no grad."""
+    import torch
+
+    from rlhf_ray.losses import token_logprobs
+
+    out: list[list[float]] = []
+    for start in range(0, len(episodes), micro_batch_size):
+        chunk = episodes[start: start + micro_batch_size]
+        batch = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logprobs = token_logprobs(logits.float(), batch.input_ids)  # (B, T-1)
+        for i, e in enumerate(chunk):
+            first = len(e.prompt_ids) - 1  # logprobs[:, j] scores token j+1
+            out.append(logprobs[i, first: first + len(e.response_ids)].tolist())
+    return out
+
+
+class ReferenceServer(Worker):
+    """The frozen reference policy (usually the SFT model); replicate it for throughput."""
+
+    role = "reference"
+
+    def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 8,
+                 name: str = "reference"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rlhf_ray.assets import resolve_model
+
+        self.name = name
+        self.path = resolve_model(model_path, role="reference")
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype)).eval()
+        self.model.requires_grad_(False)
+        self.pad_id = AutoTokenizer.from_pretrained(self.path).pad_token_id
+        self.micro_batch_size = micro_batch_size
+
+    def logprobs(self, episodes: list[Episode]) -> list[list[float]]:
+        """Per-token reference log-probs of each episode's response, in order."""
+        return response_logprobs(self.model, episodes, self.pad_id, self.micro_batch_size)
+
+    def health(self) -> dict:
+        return {**super().health(), "name": self.name, "model": self.path}

@@ -1,0 +1,109 @@
+"""RolloutWorker: a vLLM engine that turns prompts into versioned episodes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from rlhf_ray.assets import resolve_model
+from rlhf_ray.batch import Episode
+from rlhf_ray.configs import RolloutConfig, SamplingConfig
+from rlhf_ray.workers.group import Worker
+
+EXTENSION = "rlhf_ray.workers.vllm_ext.WeightLoaderExtension"
+
+
+class RolloutWorker(Worker):
+    """Generates episodes with vLLM; weights are replaced in place by ``load_weights``."""
+
+    role = "rollout"
+
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
+                 seed: int = 0, name: str = "rollout"):
+        import torch  # noqa: F401  (first tensor call is otherwise slow)
+
+        from rlhf_ray.workers.engine import make_llm
+
+        self.name = name
+        self.model_path = resolve_model(model_path, role="rollout")
+        self.llm = make_llm(self.model_path, dtype=dtype, max_model_len=rollout.max_model_len,
+                            kv_cache_gib=rollout.kv_cache_gib,
+                            tensor_parallel_size=rollout.tensor_parallel_size,
+                            gpu_memory_utilization=rollout.gpu_memory_utilization, seed=seed,
+                            worker_extension=EXTENSION)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.version = 0
+        self.max_model_len = rollout.max_model_len
+
+    def generate(self, prompts: list, sampling: SamplingConfig, prompt_indices: list[int] | None = None,
+                 answers: list | None = None) -> list[Episode]:
+        """Sample ``sampling.n`` responses per prompt (token-id lists or strings).
+
+        Returns ``len(prompts) * n`` episodes, grouped by prompt: the n samples of prompt i
+        are contiguous and share ``prompt_index``. ``logprobs`` are the sampled tokens'
+        log-probabilities under the current weights (raw logits, before temperature).
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        prompt_indices = list(range(len(prompts))) if prompt_indices is None else prompt_indices
+        answers = [None] * len(prompts) if answers is None else answers
+        inputs, params, meta = [], [], []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+            if len(ids) >= self.max_model_len:
+                raise ValueError(f"{self.name}: prompt {prompt_indices[i]} has {len(ids)} tokens; "
+                                 f"rollout.max_model_len is {self.max_model_len}")
+            for k in range(sampling.n):
+                inputs.append(TokensPrompt(prompt_token_ids=ids))
+                seed = None if sampling.seed is None else sampling.seed + prompt_indices[i] * 1009 + k
+                params.append(SamplingParams(
+                    n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                    max_tokens=min(sampling.max_new_tokens, self.max_model_len - len(ids)),
+                    logprobs=0, seed=seed))
+                meta.append((i, k, ids))
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        episodes = []
+        for out, (i, k, ids) in zip(outputs, meta):
+            o = out.outputs[0]
+            response_ids = list(o.token_ids)
+            logprobs = [step[tok].logprob for step, tok in zip(o.logprobs, response_ids)]
+            episodes.append(Episode(
+                prompt_ids=ids, response_ids=response_ids,
+                prompt_text=self.tokenizer.decode(ids), response_text=o.text, logprobs=logprobs,
+                finish_reason="stop" if o.finish_reason == "stop" else "length",
+                policy_version=self.version, prompt_index=prompt_indices[i], sample_index=k,
+                answer=answers[i], worker=self.name))
+        return episodes
+
+    def load_weights(self, version: int, state_ref: list) -> dict:
+        """Replace the weights with ``ray.get(state_ref[0])`` (a ``{name: tensor}`` dict).
+
+        The reference is wrapped in a list so Ray hands over the ref, not the value; the
+        weights then move owner -> this worker without passing through the driver.
+        """
+        import ray
+        import torch
+
+        start = time.perf_counter()
+        state = ray.get(state_ref[0]) if isinstance(state_ref[0], ray.ObjectRef) else state_ref[0]
+        path = f"/dev/shm/rlhf_ray_weights_{os.getpid()}.pt"
+        try:
+            torch.save(state, path)
+            count = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0]
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"sync/tensors": float(count), "perf/sync_s": time.perf_counter() - start,
+                "sync/version": float(version)}
+
+    def health(self) -> dict:
+        return {**super().health(), "name": self.name, "version": self.version,
+                "model": self.model_path}
+
+    def shutdown(self) -> None:
+        from rlhf_ray.workers.engine import shutdown_llm
+
+        shutdown_llm(getattr(self, "llm", None))
+        self.llm = None

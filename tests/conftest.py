@@ -1,0 +1,109 @@
+"""Test conventions: offline environment, tiny models, a local Ray, and no leftovers.
+
+- Tiny models are session-scoped fixtures built offline (idempotent, cached in the
+  asset folder).
+- ``ray_local`` starts one private Ray per test session (``address="local"``, bounded
+  object store) and shuts it down at the end.
+- Every test session ends by checking that no Ray processes and no vLLM / DeepSpeed
+  ``/dev/shm`` files are left behind, and removes DeepSpeed's allreduce buffers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+# The environment from ENV.md, set before anything imports vllm, ray or deepspeed.
+TEST_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "DS_ACCELERATOR": "cpu",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+for _k, _v in TEST_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+SHM_PATTERNS = ("/dev/shm/psm_*", "/dev/shm/deepspeed_allreduce_buffer_*", "/dev/shm/plasma*",
+                "/dev/shm/rlhf_ray_*")
+
+
+def _shm_files() -> set[str]:
+    return {f for pattern in SHM_PATTERNS for f in glob.glob(pattern)}
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> str:
+    """Folder of the tiny random Llama (SmolLM2 tokenizer)."""
+    from rlhf_ray.assets import TINY_LLAMA, ensure
+
+    return ensure(TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm() -> str:
+    """Folder of the tiny scalar-head sequence classifier."""
+    from rlhf_ray.assets import TINY_RM, ensure
+
+    return ensure(TINY_RM)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """Folder of the real SmolLM2-135M-Instruct (built by `rlhf-ray assets`)."""
+    from rlhf_ray.assets import SMOLLM2, ensure
+
+    return ensure(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray for the whole session; workers use fractional CPUs."""
+    import ray
+
+    helpers = os.path.join(os.path.dirname(__file__), "helpers")
+    env = dict(TEST_ENV, PYTHONPATH=os.pathsep.join(filter(None, [helpers, os.environ.get("PYTHONPATH")])))
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False,
+                 object_store_memory=512 << 20, log_to_driver=True,
+                 runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers():
+    """Fail the session if it leaves Ray processes or vLLM/DeepSpeed shm files behind."""
+    before = _shm_files()
+    yield
+    for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        if f not in before:
+            os.remove(f)
+    leaked = _shm_files() - before
+    ray_procs = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True,
+                               text=True).stdout.split()
+    problems = []
+    if leaked:
+        problems.append(f"/dev/shm files left behind: {sorted(leaked)}")
+    if ray_procs and "ray" in sys.modules and not sys.modules["ray"].is_initialized():
+        problems.append(f"Ray processes still running: {ray_procs}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
