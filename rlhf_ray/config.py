@@ -20,7 +20,6 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 

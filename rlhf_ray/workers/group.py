@@ -197,7 +197,11 @@ class WorkerGroup:
             try:
                 results.append(ray.get(ref))
             except Exception as e:  # attribute the failure to its worker
-                raise WorkerError(self.role, rank, self._node(rank), f"'{what}': {_cause(e)}") from e
+                node = self._node(rank)
+                if node == "unknown":  # died before reporting: Ray's message names the ip
+                    found = re.search(r"\bip=([\d.]+)", str(e))
+                    node = found.group(1) if found else node
+                raise WorkerError(self.role, rank, node, f"'{what}': {_cause(e)}") from e
         return results
 
     def _node(self, rank: int) -> str:

@@ -35,6 +35,7 @@ from rlhf_ray.workers import learner_utils as lu
 from rlhf_ray.workers.group import Worker, _free_port
 
 ModelKind = Literal["causal_lm", "reward"]
+CLIENT_KEY = "rlhf_ray_client_state"  # ours, among DeepSpeed's own checkpoint entries
 Plan = tuple  # (engines [(engine, metric prefix)], micro-batches, loss_fn)
 
 
@@ -431,7 +432,7 @@ class LearnerWorker(Worker):
         """DeepSpeed checkpoint (weights, optimizer, LR schedule) of every engine. All ranks."""
         for engine, name in self._named_engines():
             engine.save_checkpoint(str(Path(directory) / name), tag=tag,
-                                   client_state=dict(client_state or {}))
+                                   client_state={CLIENT_KEY: dict(client_state or {})})
         return directory
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> dict:
@@ -442,7 +443,7 @@ class LearnerWorker(Worker):
             if load_path is None:
                 raise FileNotFoundError(f"learner rank {self.rank}: no {name} checkpoint in "
                                         f"{Path(directory) / name} (tag {tag!r})")
-            client_state = client_state or dict(state or {})
+            client_state = client_state or dict((state or {}).get(CLIENT_KEY, {}))
         return client_state
 
     # ------------------------------------------------------------------ helpers

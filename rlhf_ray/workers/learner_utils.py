@@ -95,14 +95,16 @@ def build_optimizer(module: torch.nn.Module, optim: OptimConfig) -> torch.optim.
             (decay if ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    eps = getattr(optim, "eps", ADAM_EPS)  # OptimConfig.eps once configs.py has the field
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
-                             betas=tuple(optim.betas), eps=ADAM_EPS)
+                             betas=tuple(optim.betas), eps=eps)
 
 
 def load_model(path: str, kind: str, dtype: str) -> torch.nn.Module:
     """A transformers model of ``kind``: ``causal_lm``, ``reward`` (sequence classifier with
     one label) or ``value`` (a backbone with a per-token scalar head, dropout off)."""
     from transformers import (
+        AutoConfig,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
@@ -115,8 +117,9 @@ def load_model(path: str, kind: str, dtype: str) -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
                                                                   dtype=torch_dtype)
     if kind == "value":
-        return AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=1, classifier_dropout=0.0, dtype=torch_dtype)
+        config = AutoConfig.from_pretrained(path, num_labels=1, classifier_dropout=0.0)
+        return AutoModelForTokenClassification.from_pretrained(path, config=config,
+                                                               dtype=torch_dtype)
     raise ValueError(f"unknown model kind {kind!r}; expected causal_lm, reward or value")
 
 

@@ -34,6 +34,7 @@ class RolloutWorker(Worker):
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self.max_model_len = rollout.max_model_len
+        self.tensor_parallel_size = rollout.tensor_parallel_size
 
     def generate(self, prompts: list, sampling: SamplingConfig, prompt_indices: list[int] | None = None,
                  answers: list | None = None) -> list[Episode]:
@@ -93,6 +94,24 @@ class RolloutWorker(Worker):
         finally:
             if os.path.exists(path):
                 os.remove(path)
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"sync/tensors": float(count), "perf/sync_s": time.perf_counter() - start,
+                "sync/version": float(version)}
+
+    def num_shards(self) -> int:
+        """vLLM worker processes behind this engine (one per tensor-parallel rank)."""
+        return self.tensor_parallel_size
+
+    def open_sync_group(self, master_addr: str, port: int, first_rank: int, world_size: int,
+                        backend: str) -> bool:
+        return all(self.llm.collective_rpc("open_sync_group",
+                                           args=(master_addr, port, first_rank, world_size, backend)))
+
+    def receive_weights(self, version: int, metadata: list, bucket_bytes: int) -> dict:
+        """Broadcast transport: receive the buckets from learner rank 0, then stamp ``version``."""
+        start = time.perf_counter()
+        count = self.llm.collective_rpc("receive_weights", args=(metadata, bucket_bytes))[0]
         self.llm.reset_prefix_cache()
         self.version = version
         return {"sync/tensors": float(count), "perf/sync_s": time.perf_counter() - start,

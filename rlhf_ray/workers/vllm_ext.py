@@ -16,3 +16,24 @@ class WeightLoaderExtension:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         self.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
+
+    def open_sync_group(self, master_addr: str, port: int, first_rank: int, world_size: int,
+                        backend: str) -> bool:
+        """Join the learner's weight-broadcast group; each tensor-parallel shard is one rank."""
+        from rlhf_ray.weight_sync import open_group
+
+        rank = first_rank + int(getattr(self, "rank", 0))
+        self._sync_group, self._sync_store = open_group(master_addr, port, rank, world_size, backend)
+        return True
+
+    def receive_weights(self, metadata: list, bucket_bytes: int) -> int:
+        """Receive broadcast buckets and load them in place; returns the tensor count."""
+        import torch
+
+        from rlhf_ray.weight_sync import broadcast_recv
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        metadata = [(name, dtype, list(shape)) for name, dtype, shape in metadata]
+        self.reload_weights(weights_iterator=broadcast_recv(self._sync_group, metadata,
+                                                            bucket_bytes, device))
+        return len(metadata)
