@@ -64,13 +64,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; only widen int -> float."""
+def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp``; only widen int -> float.
+
+    ``base`` is the default of a nested section: a partial mapping overrides its fields.
+    """
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, base)
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
@@ -116,16 +119,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def _build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """``data`` applied over ``base`` (default: the class defaults), validated."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    base = cls() if base is None else base
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(f"unknown key '{dotted}'.{_closest(str(key), names, prefix + '.' if prefix else '')}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    obj = cls(**kwargs)
+        kwargs[key] = _coerce(value, hints[key], dotted, getattr(base, key))
+    obj = dataclasses.replace(base, **kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
         check()

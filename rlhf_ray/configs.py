@@ -176,22 +176,59 @@ class SFTConfig(RunConfig):
     max_steps: int | None = option(None, "Stop after N optimizer steps (null: run all epochs).")
     loss_aggregation: Literal["token_mean", "seq_mean"] = option("token_mean", "How token losses are averaged.")
     eval_every: int = option(0, "Held-out evaluation every N steps (0: only first and last).")
+    max_eval_rows: int | None = option(None, "Evaluate on at most the first N held-out rows (null: all).")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     ray: RayConfig = section(RayConfig, "Ray cluster connection.")
     logging: LoggingConfig = section(LoggingConfig, "Logging.")
 
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "max_steps", "max_eval_rows"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: expected at least 1, got {value}")
+        for key in ("eval_every", "checkpoint.save_every"):
+            value = self.eval_every if key == "eval_every" else self.checkpoint.save_every
+            if value < 0:
+                raise ConfigError(f"{key}: expected 0 or more, got {value}")
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last: expected at least 1, got {self.checkpoint.keep_last}")
+        if self.batch_size < self.learner.num_workers:
+            raise ConfigError(f"batch_size: {self.batch_size} cannot feed learner.num_workers="
+                              f"{self.learner.num_workers} ranks (every rank needs at least one "
+                              "row of each batch)")
+
 
 @dataclass
 class RMConfig(SFTConfig):
+    data: DataConfig = option(DataConfig(format="preference"), "Preference pairs (prompt, chosen, rejected).")
     margin: float = option(0.0, "Margin in the pairwise loss -log sigmoid(r_c - r_r - margin).")
+    stats_rows: int | None = option(None, "Training pairs scored after training for reward_mean/std (null: all).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stats_rows is not None and self.stats_rows < 1:
+            raise ConfigError(f"stats_rows: expected at least 1 or null, got {self.stats_rows}")
 
 
 @dataclass
 class DPOConfig(SFTConfig):
+    data: DataConfig = option(DataConfig(format="preference"), "Preference pairs (prompt, chosen, rejected).")
     beta: float = option(0.1, "DPO beta: how far the policy may move from the reference.")
     loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", "DPO (sigmoid) or IPO loss.")
     label_smoothing: float = option(0.0, "Conservative DPO label smoothing (0: plain DPO).")
     reference: ModelConfig = section(ModelConfig, "The frozen reference (usually the SFT model).")
+    reference_is_policy: bool = option(True, "Use the starting policy (model.path, model.dtype) as the reference; false: use reference.*.")
+    reference_cpus: float = option(0.0, "Ray CPUs reserved for the ReferenceServer.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise ConfigError(f"beta: expected a positive number, got {self.beta}")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ConfigError(f"label_smoothing: expected 0 <= x <= 0.5, got {self.label_smoothing}")
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ConfigError("label_smoothing: conservative DPO needs loss_type=sigmoid "
+                              "(IPO has no label smoothing)")
 
 
 @dataclass
@@ -200,10 +237,14 @@ class DoctorConfig(RunConfig):
     ray: RayConfig = section(RayConfig, "Ray cluster connection.")
 
 
+# The online recipes build on the parts above (imported last to avoid a cycle).
+from rlhf_ray.configs_online import PPOConfig  # noqa: E402
+
 RECIPES: dict[str, type] = {
     "generate": GenerateConfig,
     "sft": SFTConfig,
     "rm": RMConfig,
     "dpo": DPOConfig,
     "doctor": DoctorConfig,
+    "ppo": PPOConfig,
 }

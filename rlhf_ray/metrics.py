@@ -36,6 +36,7 @@ class RunLogger:
         self.first: dict[str, float] = {}
         self.final: dict[str, float] = {}
         self.phases: dict[str, float] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []  # (step, metrics) for plots
         self.start = time.time()
         self.wandb = None
         if cfg.wandb_mode != "disabled":
@@ -49,9 +50,11 @@ class RunLogger:
                                     job_type=recipe, reinit="finish_previous")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        for key, value in metrics.items():
+        for key in metrics:
             if key.split("/", 1)[0] not in NAMESPACES or "/" not in key:
                 raise ValueError(f"metric '{key}' has no known namespace ({', '.join(NAMESPACES)})")
+        self.history.append((step, {k: float(v) for k, v in metrics.items()}))
+        for key, value in metrics.items():
             value = float(value)
             if math.isfinite(value):
                 self.first.setdefault(key, value)

@@ -31,6 +31,8 @@ from typing import Literal
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
 from rlhf_ray.configs import LearnerConfig, OptimConfig
+from rlhf_ray.models import load_model, sequence_scores
+from rlhf_ray.weight_sync import WeightSender
 from rlhf_ray.workers import learner_utils as lu
 from rlhf_ray.workers.group import Worker, _free_port
 
@@ -39,8 +41,9 @@ CLIENT_KEY = "rlhf_ray_client_state"  # ours, among DeepSpeed's own checkpoint e
 Plan = tuple  # (engines [(engine, metric prefix)], micro-batches, loss_fn)
 
 
-class LearnerWorker(Worker):
-    """One learner rank: the policy (or reward model) engine and, optionally, a value engine."""
+class LearnerWorker(WeightSender, Worker):
+    """One learner rank: the policy (or reward model) engine and, optionally, a value engine.
+    ``WeightSender`` adds the weight-sync methods (they use ``get_state_dict``)."""
 
     role = "learner"
 
@@ -88,9 +91,9 @@ class LearnerWorker(Worker):
 
             # from_pretrained partitions at load time while this object is alive (a weakref).
             self._hf_ds_config = HfDeepSpeedConfig(cfg)
-        self.model = self._engine(lu.load_model(self.path, self.model_kind, self.dtype), self.optim)
+        self.model = self._engine(load_model(self.path, self.model_kind, self.dtype), self.optim)
         if value_path:
-            self.value = self._engine(lu.load_model(value_path, "value", self.dtype), self.value_optim)
+            self.value = self._engine(load_model(value_path, "value", self.dtype), self.value_optim)
         self.pad_id = self.model.module.config.pad_token_id or 0
         self.device = self.model.device
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.module.parameters())
@@ -120,7 +123,6 @@ class LearnerWorker(Worker):
 
         if self.learner.gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module.config.use_cache = False
         optimizer = lu.build_optimizer(module, optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lu.lr_schedule(optim, self.total_steps))
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
@@ -151,15 +153,6 @@ class LearnerWorker(Worker):
                  num_tokens_global: int | None = None, num_seqs_global: int | None = None) -> dict:
         """One clipped-surrogate step (plus KL-in-loss with ``kl_coef``), and one value step
         when the learner has a value model. ``old_logprobs=None`` means on-policy (ratio 1)."""
-        from rlhf_ray.losses import (
-            entropy_from_logits,
-            kl_penalty_loss,
-            masked_sum,
-            ppo_policy_loss,
-            token_logprobs,
-            value_loss,
-        )
-
         self._need("causal_lm", "ppo_step")
         if batch.advantages is None:
             raise ValueError("learner.ppo_step: the batch has no advantages")
@@ -167,42 +160,17 @@ class LearnerWorker(Worker):
             raise ValueError("learner.ppo_step: a value model needs batch.returns")
         if kl_coef and batch.ref_logprobs is None:
             raise ValueError("learner.ppo_step: kl_coef > 0 needs batch.ref_logprobs")
+        params = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+                      kl_coef=kl_coef, kl_estimator=kl_estimator, value_clip_eps=value_clip_eps)
         n_tok, n_seq, real_tok = self._counts(batch.response_mask.sum(), len(batch),
                                               num_tokens_global, num_seqs_global)
-        agg = dict(aggregation=aggregation, num_tokens=n_tok, num_seqs=n_seq)
 
         def loss_fn(mb: ExperienceBatch):
-            import torch
+            values = self._values(self.value, mb) if self.value is not None else None
+            return lu.ppo_terms(self._forward(self.model, mb).logits, values, mb, params,
+                                aggregation, n_tok, n_seq, real_tok)
 
-            mask = mb.response_mask
-            share = mask.sum() / real_tok  # weight of this micro-batch's token-mean metrics
-            logits = self._forward(self.model, mb).logits
-            logprobs = token_logprobs(logits, mb.input_ids)
-            old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
-            loss, m = ppo_policy_loss(logprobs, old, mb.advantages, mask, clip_eps,
-                                      clip_eps_high, dual_clip, **agg)
-            stats = {"policy/loss": loss, **{f"policy/{k}": v * share for k, v in m.items()}}
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits[:, :-1].float())
-                stats["policy/entropy"] = masked_sum(entropy, mask) / real_tok
-            if mb.ref_logprobs is not None:
-                kl = kl_penalty_loss(logprobs, mb.ref_logprobs, mask, kl_estimator, **agg)
-                stats["kl/ref"] = kl
-                if kl_coef:
-                    loss = loss + kl_coef * kl
-            losses = [loss]
-            if self.value is not None:
-                values = self._values(self.value, mb)
-                old_v = values.detach() if mb.old_values is None else mb.old_values
-                v_loss, vm = value_loss(values, old_v, mb.returns, mask, value_clip_eps, **agg)
-                losses.append(v_loss)
-                stats.update({"value/loss": v_loss, "value/clip_frac": vm["value_clip_frac"] * share,
-                              "value/mean": vm["values_mean"] * share})
-            stats["perf/tokens"] = mb.attention_mask.sum()
-            return losses, stats
-
-        engines = [(self.model, "policy")] + ([(self.value, "value")] if self.value else [])
-        return self._train((engines, self._split(batch), loss_fn))
+        return self._train((self._named_engines(), self._split(batch), loss_fn))
 
     def dpo_step(self, batch: PreferenceBatch, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, num_pairs_global: int | None = None) -> dict:
@@ -229,23 +197,18 @@ class LearnerWorker(Worker):
 
     def _sft_plan(self, batch: SequenceBatch, num_tokens_global=None, aggregation="token_mean",
                   num_seqs_global=None) -> Plan:
-        from rlhf_ray.losses import sft_loss
-
         self._need("causal_lm", "sft")
         n_tok, n_seq, _ = self._counts(batch.response_mask.sum(), len(batch),
                                        num_tokens_global, num_seqs_global)
 
         def loss_fn(mb: SequenceBatch):
             logits = self._forward(self.model, mb).logits
-            loss = sft_loss(logits, mb.input_ids, mb.loss_mask, aggregation, n_tok, n_seq)
-            return [loss], {"policy/loss": loss, "perf/tokens": mb.attention_mask.sum()}
+            return lu.sft_terms(logits, mb, aggregation, n_tok, n_seq)
 
         return [(self.model, "policy")], self._split(batch), loss_fn
 
     def _dpo_plan(self, batch: PreferenceBatch, beta=0.1, loss_type="sigmoid",
                   label_smoothing=0.0, num_pairs_global=None) -> Plan:
-        from rlhf_ray.losses import dpo_loss, sequence_logprobs
-
         self._need("causal_lm", "dpo")
         if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
             raise ValueError("learner dpo: the batch needs ref_chosen_logps and ref_rejected_logps "
@@ -254,38 +217,18 @@ class LearnerWorker(Worker):
 
         def loss_fn(mb: PreferenceBatch):
             both = lu.stack_pairs(mb, self.pad_id)
-            logps = sequence_logprobs(self._forward(self.model, both).logits, both.input_ids,
-                                      both.loss_mask)
-            b = len(mb)
-            out = dpo_loss(logps[:b], logps[b:], mb.ref_chosen_logps, mb.ref_rejected_logps,
-                           beta, loss_type, label_smoothing)
-            loss = out.loss * (b / n)
-            return [loss], {"dpo/loss": loss, "dpo/accuracy": out.accuracy * (b / n),
-                            "dpo/chosen_rewards": out.chosen_rewards.sum() / n,
-                            "dpo/rejected_rewards": out.rejected_rewards.sum() / n,
-                            "dpo/margin": out.margins.sum() / n,
-                            "dpo/chosen_logps": logps[:b].detach().sum() / n,
-                            "perf/tokens": both.attention_mask.sum()}
+            logits = self._forward(self.model, both).logits
+            return lu.dpo_terms(logits, both, mb, beta, loss_type, label_smoothing, n)
 
         return [(self.model, "policy")], self._split_pairs(batch), loss_fn
 
     def _rm_plan(self, batch: PreferenceBatch, margin=0.0, num_pairs_global=None) -> Plan:
-        from rlhf_ray.losses import pairwise_reward_loss
-
         self._need("reward", "rm")
         n = self._counts(0, len(batch), None, num_pairs_global)[1]
 
         def loss_fn(mb: PreferenceBatch):
-            scores = self._scores(self.model, lu.stack_pairs(mb, self.pad_id))
-            b = len(mb)
-            out = pairwise_reward_loss(scores[:b], scores[b:], margin or None)
-            w = b / n
-            return [out.loss * w], {"rm/loss": out.loss * w, "rm/accuracy": out.accuracy * w,
-                                    "rm/chosen_score": out.chosen_mean * w,
-                                    "rm/rejected_score": out.rejected_mean * w,
-                                    "rm/margin": out.margin_mean * w,
-                                    "perf/tokens": mb.chosen.attention_mask.sum()
-                                    + mb.rejected.attention_mask.sum()}
+            return lu.rm_terms(self._scores(self.model, lu.stack_pairs(mb, self.pad_id)), mb,
+                               margin, n)
 
         return [(self.model, "rm")], self._split_pairs(batch), loss_fn
 
@@ -392,18 +335,7 @@ class LearnerWorker(Worker):
         return self._forward(engine, mb).logits.squeeze(-1)[:, :-1].float()
 
     def _scores(self, engine, mb: SequenceBatch):
-        import torch
-
-        captured = []
-        hook = lu.scalar_head(engine.module).register_forward_hook(
-            lambda module, args, output: captured.append(output))
-        try:
-            self._forward(engine, mb)
-        finally:
-            hook.remove()
-        per_token = captured[-1].squeeze(-1).float()  # (B, T)
-        rows = torch.arange(per_token.shape[0], device=per_token.device)
-        return per_token[rows, lu.last_token_index(mb.attention_mask)]
+        return sequence_scores(engine, mb.input_ids, mb.attention_mask)
 
     # ------------------------------------------------------------------ weights
 

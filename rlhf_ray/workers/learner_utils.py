@@ -1,7 +1,7 @@
 """Parts of the LearnerWorker that need no process group: the DeepSpeed config, the LR
-schedule, the optimizer, model loading, micro-batching and full state dicts.
+schedule, the optimizer, micro-batching, the per-micro-batch loss terms and full state dicts.
 
-deepspeed and transformers are imported inside the functions that need them.
+deepspeed is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,20 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from rlhf_ray.batch import PreferenceBatch, SequenceBatch
+from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
 from rlhf_ray.configs import LearnerConfig, OptimConfig
+from rlhf_ray.losses import (
+    dpo_loss,
+    entropy_from_logits,
+    kl_penalty_loss,
+    masked_sum,
+    pairwise_reward_loss,
+    ppo_policy_loss,
+    sequence_logprobs,
+    sft_loss,
+    token_logprobs,
+    value_loss,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
@@ -100,44 +112,6 @@ def build_optimizer(module: torch.nn.Module, optim: OptimConfig) -> torch.optim.
                              betas=tuple(optim.betas), eps=eps)
 
 
-def load_model(path: str, kind: str, dtype: str) -> torch.nn.Module:
-    """A transformers model of ``kind``: ``causal_lm``, ``reward`` (sequence classifier with
-    one label) or ``value`` (a backbone with a per-token scalar head, dropout off)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-    )
-
-    torch_dtype = getattr(torch, dtype)
-    if kind == "causal_lm":
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    if kind == "reward":
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                                  dtype=torch_dtype)
-    if kind == "value":
-        config = AutoConfig.from_pretrained(path, num_labels=1, classifier_dropout=0.0)
-        return AutoModelForTokenClassification.from_pretrained(path, config=config,
-                                                               dtype=torch_dtype)
-    raise ValueError(f"unknown model kind {kind!r}; expected causal_lm, reward or value")
-
-
-def scalar_head(module: torch.nn.Module) -> torch.nn.Module:
-    """The per-token scalar head of a sequence/token classifier (``score`` in Llama-likes)."""
-    head = getattr(module, "score", None)
-    if not isinstance(head, torch.nn.Module):
-        raise ValueError(f"{type(module).__name__} has no 'score' head; reward and value "
-                         "models must be Llama-style classifiers")
-    return head
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last position with ``attention_mask == 1`` (any padding side)."""
-    length = attention_mask.shape[-1]
-    return length - 1 - attention_mask.flip(-1).argmax(-1)
-
-
 def shm_buffer_path() -> str:
     """DeepSpeed's shm allreduce buffer of this rank (named by uid, master and rank)."""
     env = os.environ
@@ -203,6 +177,83 @@ def stack_pairs(batch: PreferenceBatch, pad_id: int) -> SequenceBatch:
 def to_device(batch: B, device: torch.device) -> B:
     return dataclasses.replace(batch, **{
         k: v.to(device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)})
+
+
+# --------------------------------------------------------------------------- loss terms
+# Each ``*_terms`` returns ``(losses, stats)`` for one micro-batch: one loss per engine,
+# normalised by the GLOBAL count (tokens, sequences or pairs), so that summed over
+# micro-batches and ranks it is the full-batch loss; each stat is weighted the same way, so
+# the worker's sum over micro-batches and ranks is the global metric.
+
+Terms = tuple[list[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def sft_terms(logits: torch.Tensor, mb: SequenceBatch, aggregation: str, num_tokens: float,
+              num_seqs: float) -> Terms:
+    loss = sft_loss(logits, mb.input_ids, mb.loss_mask, aggregation, num_tokens, num_seqs)
+    return [loss], {"policy/loss": loss, "perf/tokens": mb.attention_mask.sum()}
+
+
+def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceBatch,
+              params: dict, aggregation: str, num_tokens: float, num_seqs: float,
+              real_tokens: float) -> Terms:
+    """Clipped policy loss (+ ``kl_coef`` * KL to the reference) and, with ``values``, the
+    value loss. ``params``: clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+    value_clip_eps. Missing old log-probs / old values mean on-policy (ratio 1, no clip)."""
+    agg = {"aggregation": aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs}
+    mask = mb.response_mask
+    share = mask.sum() / real_tokens  # weight of this micro-batch's token means
+    logprobs = token_logprobs(logits, mb.input_ids)
+    old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+    loss, m = ppo_policy_loss(logprobs, old, mb.advantages, mask, params["clip_eps"],
+                                params["clip_eps_high"], params["dual_clip"], **agg)
+    stats = {"policy/loss": loss, **{f"policy/{k}": v * share for k, v in m.items()}}
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits[:, :-1].float())
+        stats["policy/entropy"] = masked_sum(entropy, mask) / real_tokens
+    if mb.ref_logprobs is not None:
+        kl = kl_penalty_loss(logprobs, mb.ref_logprobs, mask, params["kl_estimator"], **agg)
+        stats["kl/ref"] = kl
+        if params["kl_coef"]:
+            loss = loss + params["kl_coef"] * kl
+    losses = [loss]
+    if values is not None:
+        old_v = values.detach() if mb.old_values is None else mb.old_values
+        v_loss, vm = value_loss(values, old_v, mb.returns, mask, params["value_clip_eps"], **agg)
+        losses.append(v_loss)
+        stats.update({"value/loss": v_loss, "value/clip_frac": vm["value_clip_frac"] * share,
+                      "value/mean": vm["values_mean"] * share})
+    stats["perf/tokens"] = mb.attention_mask.sum()
+    return losses, stats
+
+
+def dpo_terms(logits: torch.Tensor, both: SequenceBatch, mb: PreferenceBatch, beta: float,
+              loss_type: str, label_smoothing: float, num_pairs: float) -> Terms:
+    """``both`` is :func:`stack_pairs` of ``mb`` (chosen rows first) and ``logits`` its output."""
+    logps = sequence_logprobs(logits, both.input_ids, both.loss_mask)
+    b = len(mb)
+    out = dpo_loss(logps[:b], logps[b:], mb.ref_chosen_logps, mb.ref_rejected_logps, beta,
+                     loss_type, label_smoothing)
+    w = b / num_pairs
+    return [out.loss * w], {
+        "dpo/loss": out.loss * w, "dpo/accuracy": out.accuracy * w,
+        "dpo/chosen_rewards": out.chosen_rewards.sum() / num_pairs,
+        "dpo/rejected_rewards": out.rejected_rewards.sum() / num_pairs,
+        "dpo/margin": out.margins.sum() / num_pairs,
+        "dpo/chosen_logps": logps[:b].detach().sum() / num_pairs,
+        "perf/tokens": both.attention_mask.sum()}
+
+
+def rm_terms(scores: torch.Tensor, mb: PreferenceBatch, margin: float, num_pairs: float) -> Terms:
+    """``scores``: (2B,) chosen then rejected, from :func:`rlhf_ray.models.sequence_scores`."""
+    b = len(mb)
+    out = pairwise_reward_loss(scores[:b], scores[b:], margin or None)
+    w = b / num_pairs
+    return [out.loss * w], {
+        "rm/loss": out.loss * w, "rm/accuracy": out.accuracy * w,
+        "rm/chosen_score": out.chosen_mean * w, "rm/rejected_score": out.rejected_mean * w,
+        "rm/margin": out.margin_mean * w,
+        "perf/tokens": mb.chosen.attention_mask.sum() + mb.rejected.attention_mask.sum()}
 
 
 # --------------------------------------------------------------------------- weights

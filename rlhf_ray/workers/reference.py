@@ -48,5 +48,23 @@ class ReferenceServer(Worker):
         """Per-token reference log-probs of each episode's response, in order."""
         return response_logprobs(self.model, episodes, self.pad_id, self.micro_batch_size)
 
+    def sequence_logps(self, batch: SequenceBatch):
+        """(B,) fp32 summed log-probs of each sequence's target tokens (``batch.loss_mask``),
+        no grad: the per-response reference log-probs that DPO takes, computed exactly as
+        the learner computes the policy's (:func:`rlhf_ray.losses.sequence_logprobs`)."""
+        import torch
+
+        from rlhf_ray.losses import sequence_logprobs
+
+        out = []
+        for start in range(0, len(batch), self.micro_batch_size):
+            mb = batch.select(slice(start, start + self.micro_batch_size))
+            width = int(mb.attention_mask.sum(1).max())  # drop all-padding columns
+            ids, mask = mb.input_ids[:, :width], mb.attention_mask[:, :width]
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                out.append(sequence_logprobs(logits.float(), ids, mb.loss_mask[:, :width]))
+        return torch.cat(out) if out else torch.zeros(0)
+
     def health(self) -> dict:
         return {**super().health(), "name": self.name, "model": self.path}

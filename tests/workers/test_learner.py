@@ -2,16 +2,22 @@
 
 The key claim: D ranks with micro-batches give the same update as one rank holding the whole
 global batch, because losses are normalised by the global token count and each rank's loss
-is multiplied by world_size (DeepSpeed averages gradients over ranks). Adam's update barely
-depends on the gradient's scale, so the test also compares the (pre-clip) gradient norms,
-which a missing or wrong world_size factor would change by 2x.
+is multiplied by world_size (DeepSpeed averages gradients over ranks). AdamW's first update
+(and a clipped gradient) barely depends on the gradient's scale, so the test also compares
+the pre-clip gradient norms, and repeats the comparison in a "linear" regime (eps=1, no clip)
+where the weights after one step are ~ lr * gradient. Dropping the world_size factor was
+checked to fail both: grad-norm ratio 0.5, and a 5e-3 weight difference in "linear".
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import glob
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +26,7 @@ from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
 from rlhf_ray.configs import LearnerConfig, OptimConfig
 from rlhf_ray.workers.group import WorkerError, WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
+from rlhf_ray.workers.learner_utils import ds_config, lr_schedule
 
 PAD = 2  # <|im_end|>, eos and pad of the tiny models
 SHM = "/dev/shm/deepspeed_allreduce_buffer_*"
@@ -40,9 +47,11 @@ def optim_config(lr: float = 1e-3, grad_clip: float = 1.0, eps: float | None = N
 
 @contextlib.contextmanager
 def learners(n: int, path: str, zero_stage: int = 0, micro_batch_size: int = 4,
-             optim: OptimConfig | None = None, init: bool = True, **kwargs):
+             optim: OptimConfig | None = None, init: bool = True, offload: bool = False,
+             gradient_checkpointing: bool = False, **kwargs):
     """A distributed group of ``n`` learners (num_cpus=0), shut down on exit."""
-    cfg = LearnerConfig(num_workers=n, zero_stage=zero_stage, micro_batch_size=micro_batch_size)
+    cfg = LearnerConfig(num_workers=n, zero_stage=zero_stage, micro_batch_size=micro_batch_size,
+                        offload=offload, gradient_checkpointing=gradient_checkpointing)
     optim = optim or optim_config()
     group = WorkerGroup(LearnerWorker, "learner", n, args=(path, cfg, optim),
                         kwargs=kwargs, distributed=True, timeout_s=300,
@@ -92,8 +101,10 @@ def no_shm_buffers_left():
 
 @pytest.fixture(scope="module")
 def policy(ray_local, tiny_llama):
-    """One ZeRO-1 rank with a value model, shared by the single-rank tests."""
-    with learners(1, tiny_llama, zero_stage=1, micro_batch_size=3, with_value=True) as group:
+    """One ZeRO-1 rank with a value model and gradient checkpointing, shared by the
+    single-rank tests (each test reads the current weights, so order does not matter)."""
+    with learners(1, tiny_llama, zero_stage=1, micro_batch_size=3, with_value=True,
+                  gradient_checkpointing=True) as group:
         yield group
 
 
@@ -147,6 +158,14 @@ def test_forward_logprobs_match_transformers(policy, tiny_llama):
     assert diff <= 1e-5, diff
 
 
+def test_weight_sender_publishes_the_full_state(policy):
+    import ray
+
+    refs = policy.call("publish_weights")[0]
+    assert len(refs) == 1
+    assert max_diff(ray.get(refs[0]), policy.call("get_state_dict")[0]) == 0.0
+
+
 def test_export_hf_loads_and_matches(policy, tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,6 +173,7 @@ def test_export_hf_loads_and_matches(policy, tiny_llama, tmp_path):
     policy.call("sft_step", batch)
     policy.call("export_hf", str(tmp_path / "hf"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert model.config.use_cache  # the export is ready for generation
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<|im_end|>"
     original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     assert max_diff(model.state_dict(), original.state_dict()) > 1e-4  # the trained weights
@@ -166,7 +186,8 @@ def test_checkpoint_restores_in_fresh_group(policy, tiny_llama, tmp_path):
     batch = make_batch(4, seed=4)
     policy.call("sft_step", batch)  # optimizer state worth restoring
     policy.call("save_checkpoint", str(tmp_path), "step1", {"step": 1, "note": "x"})
-    with learners(1, tiny_llama, zero_stage=1, micro_batch_size=3, with_value=True) as fresh:
+    with learners(1, tiny_llama, zero_stage=1, micro_batch_size=3, with_value=True,
+                  gradient_checkpointing=True) as fresh:
         assert fresh.call("load_checkpoint", str(tmp_path))[0] == {"step": 1, "note": "x"}
         for model in ("policy", "value"):
             a, b = (g.call("get_state_dict", model)[0] for g in (policy, fresh))
@@ -221,9 +242,11 @@ def test_dpo_step_uses_reference_logps(policy):
 # --------------------------------------------------------------------------- data parallel
 
 
-@pytest.mark.parametrize("regime", ["adamw", "linear"])
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_equal_one_rank(zero_stage, regime, one_rank_update, tiny_llama):
+@pytest.mark.parametrize("zero_stage,regime", [(2, "adamw"), (3, "adamw"), (0, "linear"),
+                                               (2, "linear"), (3, "linear")])
+def test_two_ranks_equal_one_rank(zero_stage, regime, one_rank_update, tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
     before, ref_metrics, ref_after = one_rank_update(regime)
     batch = make_batch(8, seed=1)
     # Unequal shards: 5 rows (3 micro-batches of 2) and 3 rows (2 micro-batches).
@@ -233,7 +256,10 @@ def test_two_ranks_equal_one_rank(zero_stage, regime, one_rank_update, tiny_llam
                   optim=optim_config(**REGIMES[regime])) as group:
         metrics = group.call_each("sft_step", [(s,) for s in shards])
         after = group.call("get_state_dict")
+        assert group.call("export_hf", str(tmp_path)) == [str(tmp_path), None]
     assert after[1] == {}  # full weights on rank 0 only
+    exported = load_file(tmp_path / "model.safetensors")
+    assert max_diff(exported, {k: after[0][k] for k in exported}) == 0.0
     update = max_diff(before, ref_after)
     diff = max_diff(ref_after, after[0])
     norm_rel = abs(metrics[0]["policy/grad_norm"] / ref_metrics["policy/grad_norm"] - 1)
@@ -248,6 +274,23 @@ def test_two_ranks_equal_one_rank(zero_stage, regime, one_rank_update, tiny_llam
     assert metrics[0] == metrics[1] | {"perf/train_s": metrics[0]["perf/train_s"]}
 
 
+def test_zero3_two_rank_checkpoint_round_trip(ray_local, tiny_llama, tmp_path):
+    """ZeRO-3 checkpoints hold one partition per rank; a fresh group restores all of it."""
+    batch = make_batch(6, seed=10)
+    shards = [(batch.select(slice(0, 3)),), (batch.select(slice(3, 6)),)]
+    with learners(2, tiny_llama, zero_stage=3, micro_batch_size=2) as first:
+        first.call_each("sft_step", shards)
+        first.call("save_checkpoint", str(tmp_path), None, {"step": 1})
+        saved = first.call("get_state_dict")[0]
+        first.call_each("sft_step", shards)
+        expected = first.call("get_state_dict")[0]
+    with learners(2, tiny_llama, zero_stage=3, micro_batch_size=2) as second:
+        assert second.call("load_checkpoint", str(tmp_path)) == [{"step": 1}] * 2
+        assert max_diff(second.call("get_state_dict")[0], saved) == 0.0
+        second.call_each("sft_step", shards)
+        assert max_diff(second.call("get_state_dict")[0], expected) <= 1e-7
+
+
 # --------------------------------------------------------------------------- reward model
 
 
@@ -256,7 +299,8 @@ def test_reward_model_trains(ray_local, tiny_rm):
 
     chosen, rejected = make_batch(6, seed=8), make_batch(6, seed=9)
     pref = PreferenceBatch(chosen, rejected)
-    with learners(1, tiny_rm, model_kind="reward", micro_batch_size=4) as group:
+    with learners(1, tiny_rm, model_kind="reward", micro_batch_size=4, zero_stage=2,
+                  offload=True) as group:
         scores = group.call("forward_scores", chosen)[0]
         hf = AutoModelForSequenceClassification.from_pretrained(tiny_rm, dtype=torch.float32)
         with torch.no_grad():  # no pad id inside the rows: HF pools the same last token
@@ -285,3 +329,50 @@ def test_missing_model_path_names_role_and_path(ray_local, tmp_path):
     assert info.value.role == "learner" and "learner" in str(info.value)
     assert missing in str(info.value)
 
+
+
+SHM_SCRIPT = """
+import glob, os, sys
+from rlhf_ray.configs import LearnerConfig, OptimConfig
+from rlhf_ray.workers.learner import LearnerWorker
+learner = LearnerWorker(sys.argv[1], LearnerConfig(), OptimConfig())
+learner.init()
+print("during", sorted(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")))
+learner.shutdown()
+print("after", sorted(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")))
+"""
+
+
+def test_shutdown_removes_the_shm_buffer_it_created(tiny_llama):
+    """With LOCAL_SIZE == world size (as under the deepspeed launcher) DeepSpeed creates a
+    66 MB shm allreduce buffer per rank; shutdown() removes it. A lone learner, no Ray."""
+    env = {**os.environ, "LOCAL_SIZE": "1"}
+    env.pop("RANK", None)
+    out = subprocess.run([sys.executable, "-c", SHM_SCRIPT, tiny_llama], env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines()
+                 if line.startswith(("during", "after")))
+    during, after = ast.literal_eval(lines["during"]), ast.literal_eval(lines["after"])
+    created = set(during) - set(after)
+    assert len(created) == 1 and f"_{os.getuid()}_127.0.0.1_" in created.pop()
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_lr_schedule_warmup_then_decay():
+    cosine = lr_schedule(OptimConfig(warmup_steps=2, schedule="cosine"), total_steps=6)
+    assert [round(cosine(s), 4) for s in range(7)] == [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464, 0.0]
+    linear = lr_schedule(OptimConfig(schedule="linear"), total_steps=4)
+    assert [linear(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_schedule(OptimConfig(), None)(10**6) == 1.0
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_schedule(OptimConfig(schedule="cosine"), None)
+
+
+def test_ds_config_refuses_offload_without_zero():
+    with pytest.raises(ValueError, match="zero_stage >= 1"):
+        ds_config(LearnerConfig(zero_stage=0, offload=True), OptimConfig(), "float32")
+    cfg = ds_config(LearnerConfig(zero_stage=3, offload=True), OptimConfig(), "bfloat16")
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu" and cfg["bf16"]["enabled"]

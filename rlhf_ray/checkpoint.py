@@ -1,0 +1,144 @@
+"""Save and resume the full state of a training job.
+
+A checkpoint is a folder ``run_dir/checkpoints/step_00000012`` holding
+
+- ``policy/``: each learner rank's DeepSpeed checkpoint (weights, optimizer, LR schedule),
+  written by ``LearnerWorker.save_checkpoint``;
+- ``state.json``: the driver's job state (:class:`JobState`), written LAST, so a folder
+  without it is an interrupted save and is ignored.
+
+The data order is a pure function of ``(seed, epoch)`` (see
+:func:`rlhf_ray.recipes.common.batch_indices`), so the step counter is the data position:
+a resumed run rebuilds exactly the batches an uninterrupted run would have seen.
+
+``resume=auto`` continues from the newest complete checkpoint, after checking that the run
+folder's saved config differs from the new one only in keys that may change between the
+two halves of a run (:data:`RESUMABLE_KEYS`). Learners must write to a file system the
+driver also sees (one machine, or a shared ``run_dir`` on a cluster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_ray.config import ConfigError, to_dict
+from rlhf_ray.metrics import write_json_atomic
+
+STATE_FILE = "state.json"
+PREFIX = "step_"
+# Keys that may differ between an interrupted run and its resumption (dotted prefixes).
+RESUMABLE_KEYS = ("resume", "max_steps", "epochs", "eval_every", "max_eval_rows", "checkpoint",
+                  "logging", "ray", "learner.cpus_per_worker", "learner.gpus_per_worker",
+                  "learner.micro_batch_size")
+
+
+@dataclasses.dataclass
+class JobState:
+    """What the driver needs to continue a run: the step counter and the logged history."""
+
+    step: int  # optimizer steps done
+    epoch: int  # epoch of the next step
+    data_fingerprint: str  # hash of the training examples, to catch changed data
+    first: dict[str, float] = dataclasses.field(default_factory=dict)  # first logged values
+    final: dict[str, float] = dataclasses.field(default_factory=dict)  # latest logged values
+    outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir).resolve() / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"{PREFIX}{step:08d}"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders (with ``state.json``), oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save(learners: Any, run_dir: str | Path, state: JobState, keep_last: int) -> Path:
+    """Every rank writes its DeepSpeed state, then the driver writes ``state.json`` and prunes
+    all but the newest ``keep_last`` checkpoints."""
+    path = step_dir(run_dir, state.step)
+    if path.exists():
+        shutil.rmtree(path)  # an interrupted save of the same step
+    path.mkdir(parents=True)
+    learners.call("save_checkpoint", str(path), "state", {"step": state.step})
+    write_json_atomic(path / STATE_FILE, dataclasses.asdict(state))
+    for old in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_state(path: Path) -> JobState:
+    """The driver's job state stored in checkpoint ``path``."""
+    return JobState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def restore(learners: Any, path: Path) -> JobState:
+    """Load every rank's DeepSpeed state from ``path``; returns the driver's job state."""
+    state = read_state(path)
+    client = learners.call("load_checkpoint", str(path), "state")
+    steps = {c.get("step") for c in client}
+    if steps != {state.step}:
+        raise RuntimeError(f"checkpoint {path}: learner states are at steps {sorted(steps)}, "
+                           f"state.json at step {state.step}")
+    return state
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ and may not change on resume."""
+    a, b = _flatten(old), _flatten(new)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [k for k in changed if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
+
+
+def check_run_dir(cfg: Any) -> Path | None:
+    """Before anything is written: the checkpoint to resume from (``resume=auto``), or None.
+
+    Raises :class:`ConfigError` when ``resume=never`` meets a run folder that holds
+    checkpoints, or when ``resume=auto`` meets a saved config that differs incompatibly.
+    """
+    found = latest(cfg.run_dir)
+    if found is None:
+        return None
+    if cfg.resume == "never":
+        raise ConfigError(f"run_dir {cfg.run_dir} already holds checkpoints (newest: {found.name}); "
+                          "pass resume=auto to continue that run, or choose a new run_dir")
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"resume=auto: {saved} is missing, so the checkpoints in "
+                          f"{checkpoints_dir(cfg.run_dir)} cannot be checked against this config")
+    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    if changes:
+        raise ConfigError(f"resume=auto: this config differs from the one that wrote {found} in "
+                          f"{', '.join(changes)}; only {', '.join(RESUMABLE_KEYS)} may change on "
+                          "resume (use a new run_dir to start over)")
+    return found

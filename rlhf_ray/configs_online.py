@@ -1,0 +1,75 @@
+"""Config trees of the online recipes (ppo, rs, prefs, pipeline), built from the shared parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf_ray.config import ConfigError, option, section
+from rlhf_ray.configs import (
+    CheckpointConfig,
+    DataConfig,
+    LearnerConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    RayConfig,
+    RewardConfig,
+    RolloutConfig,
+    RunConfig,
+    SamplingConfig,
+)
+
+
+@dataclass
+class KLConfig:
+    coef: float = option(0.05, "KL penalty coefficient beta (initial value when adaptive).")
+    mode: Literal["reward", "loss"] = option("reward", "Apply KL shaped into the token rewards, or as a loss term.")
+    estimator: Literal["k1", "k2", "k3"] = option("k1", "KL estimator (k1 in the reward, k3 as a loss is usual).")
+    adaptive: bool = option(False, "Adapt beta toward target (Ziegler et al. controller).")
+    target: float = option(6.0, "Target KL per episode for the adaptive controller.")
+    horizon: int = option(10000, "Adaptive controller horizon in episodes.")
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The policy to train (usually the SFT model).")
+    reference: str | None = option(None, "Frozen reference model (null: the starting policy).")
+    value_model: str | None = option(None, "Value model init for gae (null: the policy's backbone).")
+    data: DataConfig = option(DataConfig(format="prompt", template="chat"), "Prompts (format: prompt).")
+    sampling: SamplingConfig = option(SamplingConfig(n=4), "Sampling; sampling.n is the group size.")
+    rollout: RolloutConfig = section(RolloutConfig, "vLLM rollout workers.")
+    reward: RewardConfig = option(RewardConfig(function="arithmetic"), "Episode rewards.")
+    learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners.")
+    optim: OptimConfig = section(OptimConfig, "Policy optimizer.")
+    value_lr: float = option(1e-5, "Value-model learning rate (gae only).")
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = option("grpo", "Advantage estimator; gae trains a value model.")
+    steps: int = option(10, "Policy versions to train (one rollout batch each).")
+    prompts_per_step: int = option(8, "Prompts per rollout batch (episodes = prompts * sampling.n).")
+    ppo_epochs: int = option(1, "Passes over each rollout batch.")
+    mini_batches: int = option(1, "Optimizer steps per pass (the batch is split into this many).")
+    clip_eps: float = option(0.2, "PPO ratio clip.")
+    clip_eps_high: float | None = option(None, "Upper ratio clip (null: clip_eps).")
+    dual_clip: float | None = option(None, "Dual-clip constant c > 1 for negative advantages (null: off).")
+    value_clip_eps: float | None = option(0.2, "Value clip around the old values (null: off).")
+    gamma: float = option(1.0, "Discount.")
+    lam: float = option(0.95, "GAE lambda.")
+    kl: KLConfig = section(KLConfig, "KL penalty against the frozen reference.")
+    max_staleness: int = option(0, "Policy versions generation may run ahead of training (0: on-policy).")
+    chunk_size: int = option(4, "Prompts per generate call; finished chunks are scored while others generate.")
+    eval_every: int = option(0, "Held-out evaluation every N steps (0: only first and last).")
+    eval_prompts: int = option(32, "Held-out prompts per evaluation (greedy).")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    ray: RayConfig = section(RayConfig, "Ray cluster connection.")
+    logging: LoggingConfig = section(LoggingConfig, "Logging.")
+
+    def validate(self) -> None:
+        if self.advantage in ("grpo", "rloo") and self.sampling.n < 2:
+            raise ConfigError(f"advantage={self.advantage} needs sampling.n >= 2 (a group per prompt), "
+                              f"got {self.sampling.n}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness: expected >= 0, got {self.max_staleness}")
+        if self.prompts_per_step < 1 or self.steps < 1 or self.chunk_size < 1:
+            raise ConfigError("steps, prompts_per_step and chunk_size must be at least 1")
+        if not (self.reward.model or self.reward.function):
+            raise ConfigError("reward: set reward.model, reward.function or both")

@@ -1,0 +1,86 @@
+"""Scored episodes -> the tensors a policy-gradient update needs (pure torch, no Ray).
+
+Shapes: B episodes, T padded tokens (prompt + response); per-token tensors are next-token
+aligned, (B, T-1): position j holds the log-prob of token j+1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.advantages import (
+    expand_to_tokens,
+    gae,
+    grpo_advantages,
+    kl_estimate,
+    reinforce_pp_returns,
+    rloo_advantages,
+    shape_rewards_with_kl,
+)
+from rlhf_ray.batch import Episode, ExperienceBatch, SequenceBatch
+
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
+
+
+def _place(rows: list[list[float]], episodes: list[Episode], shape: tuple[int, int]) -> torch.Tensor:
+    """Scatter per-response values (A_i,) into a next-token aligned (B, T-1) tensor."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, (values, e) in enumerate(zip(rows, episodes)):
+        if len(values) != len(e.response_ids):
+            raise ValueError(f"episode {i}: {len(values)} log-probs for {len(e.response_ids)} tokens")
+        start = len(e.prompt_ids) - 1
+        out[i, start: start + len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def episodes_to_batch(episodes: list[Episode], pad_id: int) -> ExperienceBatch:
+    """Pack episodes into an ExperienceBatch with ``old_logprobs`` (as sampled) and
+    ``ref_logprobs`` (if every episode has them); advantages are filled in later."""
+    base = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in episodes], pad_id)
+    shape = (len(episodes), base.input_ids.shape[1] - 1)
+    old = _place([e.logprobs for e in episodes], episodes, shape)
+    ref = (_place([e.ref_logprobs for e in episodes], episodes, shape)
+           if all(e.ref_logprobs is not None for e in episodes) else None)
+    versions = torch.tensor([e.policy_version for e in episodes], dtype=torch.long)
+    return ExperienceBatch(base.input_ids, base.attention_mask, base.loss_mask,
+                           old_logprobs=old, ref_logprobs=ref, policy_versions=versions)
+
+
+def critic_free_advantages(batch: ExperienceBatch, scores: torch.Tensor, estimator: str,
+                           group_size: int, kl_coef: float = 0.0, kl_estimator: str = "k1",
+                           gamma: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token advantages (B, T-1) for ``grpo``, ``rloo`` or ``reinforce++``.
+
+    ``scores`` (B,) are episode rewards; rows [g*G, (g+1)*G) share a prompt. For GRPO and
+    RLOO the KL to the reference (if ``kl_coef`` > 0) should be applied as a loss term; for
+    REINFORCE++ it is shaped into the token rewards before the returns are whitened.
+    """
+    mask = batch.response_mask
+    metrics: dict[str, float] = {}
+    if estimator == "grpo":
+        adv = expand_to_tokens(grpo_advantages(scores, group_size), mask)
+    elif estimator == "rloo":
+        adv = expand_to_tokens(rloo_advantages(scores, group_size), mask)
+    elif estimator == "reinforce++":
+        kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator)
+              if batch.ref_logprobs is not None else torch.zeros_like(mask))
+        rewards = shape_rewards_with_kl(scores, kl, mask, kl_coef)
+        adv, _ = reinforce_pp_returns(rewards, mask, gamma)
+    else:
+        raise ValueError(f"advantage estimator {estimator!r} is not critic-free; choose one of "
+                         "grpo, rloo, reinforce++ (gae needs a value model)")
+    metrics["policy/advantage_mean"] = float((adv * mask).sum() / mask.sum().clamp(min=1))
+    return adv, metrics
+
+
+def gae_advantages(batch: ExperienceBatch, scores: torch.Tensor, values: torch.Tensor,
+                   kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """PPO with a value model: KL-shaped token rewards, then GAE. Returns (adv, returns, metrics)."""
+    mask = batch.response_mask
+    kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator)
+          if batch.ref_logprobs is not None else torch.zeros_like(mask))
+    rewards = shape_rewards_with_kl(scores, kl, mask, kl_coef)
+    adv, returns = gae(rewards, values * mask, mask, gamma, lam)
+    kl_seq = (kl * mask).sum(-1)
+    return adv, returns, {"kl/mean": float(kl_seq.mean()), "kl/coef": float(kl_coef)}

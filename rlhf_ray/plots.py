@@ -1,0 +1,30 @@
+"""Plots of learning curves (PNG), written by the driver at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_metrics(history: list[tuple[int, dict[str, float]]], keys: list[str], path: Path,
+                 title: str) -> Path:
+    """One panel per metric in ``keys`` that was logged at least once; x = step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in m for _, m in history)]
+    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4.2 * max(len(present), 1), 3.2),
+                             squeeze=False)
+    for ax, key in zip(axes[0], present):
+        points = [(step, m[key]) for step, m in history if key in m]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,140 @@
+"""doctor: a self-check of every role on the tiny model, in one round trip.
+
+    rlhf-ray doctor [--json]
+
+1. Start a local Ray and one worker of every role: rollout (vLLM), reward, reference, learner.
+2. Generate two samples for each of a few prompts with the version-0 weights.
+3. Score them (reward model + exact-answer checker) and get reference log-probs.
+4. One GRPO policy-gradient step on the learner.
+5. Sync the new weights to the rollout worker as version 1.
+6. Generate again and compare the rollout worker's log-probs with the learner's own on the
+   same tokens: ``logprob_max_abs_diff`` must be tiny in fp32.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+
+import torch
+
+from rlhf_ray.assets import TINY_RM, resolve_model
+from rlhf_ray.configs import (
+    DataConfig,
+    DoctorConfig,
+    LearnerConfig,
+    OptimConfig,
+    RewardConfig,
+    RolloutConfig,
+    SamplingConfig,
+)
+from rlhf_ray.data import load_rows, load_tokenizer, tokenize_prompts
+from rlhf_ray.experience import critic_free_advantages, episodes_to_batch
+from rlhf_ray.runtime import ray_session, worker_env
+from rlhf_ray.weight_sync import WeightSync
+from rlhf_ray.workers.group import WorkerGroup, WorkerResources
+from rlhf_ray.workers.learner import LearnerWorker
+from rlhf_ray.workers.reference import ReferenceServer
+from rlhf_ray.workers.reward import RewardServer
+from rlhf_ray.workers.rollout import RolloutWorker
+
+TOLERANCE = 1e-4  # fp32 rollout vs learner log-probs after a sync
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import ray
+    import transformers
+    import vllm
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "vllm": vllm.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__}
+
+
+def run(cfg: DoctorConfig) -> dict:
+    timings: dict[str, float] = {}
+    report: dict = {"ok": False, "model": cfg.model.path, "timings_s": timings}
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        timings[name] = round(time.perf_counter() - start, 3)
+        print(f"doctor: {name:10s} {timings[name]:7.2f} s", file=sys.stderr)
+        return result
+
+    model = resolve_model(cfg.model.path, role="doctor")
+    tokenizer = load_tokenizer(model)
+    rows = load_rows(DataConfig(source="arithmetic", format="prompt", template="chat", num_rows=4,
+                                heldout_fraction=0.0), "all").rows
+    prompts, _ = tokenize_prompts(rows, tokenizer, 200, template="chat")
+    sampling = SamplingConfig(n=2, max_new_tokens=16, temperature=1.0)
+    free = WorkerResources(num_cpus=0)
+
+    with ray_session(cfg.ray, worker_env()):
+        report["versions"] = _versions()
+        groups: list[WorkerGroup] = []
+        try:
+            # 1. one worker of every role
+            def start():
+                rollout = WorkerGroup(RolloutWorker, "rollout", 1, resources=free,
+                                      args=(model, RolloutConfig(max_model_len=256), cfg.model.dtype))
+                groups.append(rollout)
+                reward = WorkerGroup(RewardServer, "reward", 1, resources=free,
+                                     args=(RewardConfig(model=TINY_RM, function="arithmetic"),))
+                groups.append(reward)
+                reference = WorkerGroup(ReferenceServer, "reference", 1, args=(model, cfg.model.dtype),
+                                        resources=free)
+                groups.append(reference)
+                learner = WorkerGroup(LearnerWorker, "learner", 1, resources=free, distributed=True,
+                                      args=(model, LearnerConfig(micro_batch_size=8),
+                                            OptimConfig(lr=1e-3), cfg.model.dtype))
+                groups.append(learner)
+                learner.call("init")
+                return rollout, reward, reference, learner
+
+            rollout, reward, reference, learner = timed("start", start)
+            ids = [p.prompt_ids for p in prompts]
+            answers = [p.answer for p in prompts]
+            # 2. generate with version 0
+            episodes = timed("generate", lambda: rollout.call("generate", ids, sampling,
+                                                              None, answers)[0])
+            # 3. score and reference log-probs, concurrently
+            def score():
+                s_ref = reward.submit(0, "score", episodes)
+                r_ref = reference.submit(0, "logprobs", episodes)
+                return reward.get([s_ref], [0], "score")[0], reference.get([r_ref], [0], "logprobs")[0]
+
+            scores, ref_logprobs = timed("score", score)
+            for e, s, r in zip(episodes, scores, ref_logprobs):
+                e.score, e.ref_logprobs = s, r
+            # 4. one GRPO step
+            batch = episodes_to_batch(episodes, tokenizer.pad_token_id)
+            batch.advantages, _ = critic_free_advantages(batch, torch.tensor(scores), "grpo",
+                                                         sampling.n)
+            train = timed("train", lambda: learner.call("ppo_step", batch, 0.2, None, None, 0.01)[0])
+            # 5. weights -> rollout worker as version 1
+            sync = timed("sync", lambda: WeightSync(learner, rollout).sync(version=1))
+            # 6. rollout vs learner log-probs on fresh episodes
+            after = timed("generate2", lambda: rollout.call("generate", ids[:2], sampling)[0])
+            check = episodes_to_batch(after, tokenizer.pad_token_id)
+            learner_lp = learner.call("forward_logprobs", check)[0]
+            mask = check.response_mask.bool()
+            diff = float((learner_lp - check.old_logprobs)[mask].abs().max())
+            report.update({
+                "ok": diff <= TOLERANCE and all(e.policy_version == 1 for e in after),
+                "logprob_max_abs_diff": diff, "tolerance": TOLERANCE,
+                "episodes": len(episodes), "reward_mean": sum(scores) / len(scores),
+                "ref_logprob_mean": float(sum(sum(r) for r in ref_logprobs) / max(1, sum(len(r) for r in ref_logprobs))),
+                "train": {k: v for k, v in train.items() if k.startswith(("policy/", "kl/"))},
+                "sync": sync, "policy_version_after_sync": after[0].policy_version,
+                "workers": {g.role: g.nodes for g in groups},
+            })
+        finally:
+            for g in reversed(groups):
+                g.shutdown()
+    status = "OK" if report["ok"] else "FAILED"
+    print(f"doctor: {status}: rollout vs learner log-prob max |diff| after sync = "
+          f"{report.get('logprob_max_abs_diff')}", file=sys.stderr)
+    return report

@@ -1,0 +1,173 @@
+"""dpo: Direct Preference Optimization (DPO, IPO or conservative DPO) from an SFT model.
+
+    rlhf-ray dpo launch/configs/dpo_tiny.yaml [key=value ...]
+
+The frozen reference (by default the starting policy itself) runs in a ReferenceServer; it
+gives the summed log-probs of every chosen and rejected response. The policy trains on the
+learners with loss ``-log sigmoid(beta * h)`` (``h`` = chosen minus rejected log-ratio to the
+reference), or IPO's ``(h - 1/(2 beta))^2``, or cDPO's label-smoothed loss.
+
+1. Load, validate and tokenise the preference pairs (responses end with EOS).
+2. Open the run folder: resume checks, the resolved config, W&B.
+3. Start the learners (restored with resume=auto) and the ReferenceServer.
+4. Reference log-probs of the held-out pairs; held-out metrics before training.
+5. For each step: the next global batch of pairs; the reference scores it (the next
+   batch's request is in flight while the learners train on this one); one DPO step,
+   logging implicit chosen/rejected rewards, accuracy and margin. Periodic evaluation and
+   checkpoints.
+6. Held-out metrics after training; export the policy (``run_dir/model``); ``summary.json``.
+
+Held-out metrics: ``eval/accuracy`` and ``eval/margin`` use the implicit rewards
+``beta * (log pi - log ref)`` (0 at the start, where policy = reference);
+``eval/logp_accuracy`` and ``eval/logp_margin`` ask whether the policy itself gives the
+chosen response a higher log-likelihood than the rejected one, so they compare the SFT
+starting point with the result directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+from rlhf_ray.assets import resolve_model
+from rlhf_ray.batch import PreferenceBatch, SequenceBatch
+from rlhf_ray.configs import DPOConfig
+from rlhf_ray.data import load_tokenizer, pad_id, preference_examples
+from rlhf_ray.losses import dpo_loss
+from rlhf_ray.recipes import common
+from rlhf_ray.runtime import ray_session, worker_env
+from rlhf_ray.workers.group import WorkerGroup, WorkerResources
+from rlhf_ray.workers.reference import ReferenceServer
+
+
+def run(cfg: DPOConfig) -> dict:
+    model_path = resolve_model(cfg.model.path, role="dpo policy")
+    reference = (model_path, cfg.model.dtype) if cfg.reference_is_policy else \
+        (resolve_model(cfg.reference.path, role="dpo reference"), cfg.reference.dtype)
+
+    # 1. data
+    tokenizer = load_tokenizer(model_path)
+    train, heldout, stats = common.load_splits(preference_examples, cfg, tokenizer, "dpo")
+    pad = pad_id(tokenizer)
+    train = [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in train]
+    heldout = [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in heldout]
+    total = common.total_steps(cfg, len(train))
+    per_epoch = len(train) // cfg.batch_size
+    data_id = common.fingerprint(train)
+
+    def batch_at(step: int) -> PreferenceBatch:
+        rows = common.batch_indices(len(train), cfg.batch_size, cfg.seed, step)
+        return common.preference_batch([train[i] for i in rows], pad)
+
+    # 2. run folder
+    log, resume_from = common.open_run(cfg, "dpo", data_id)
+    log.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
+             "data/dropped": stats.dropped, "data/truncated": stats.truncated}, step=0)
+
+    # 3. learners (restored with resume=auto) and the frozen reference
+    with ray_session(cfg.ray, worker_env()), common.learner_group(
+            cfg, model_path, "causal_lm", total, log, resume_from) as (learners, start), \
+            _reference_server(cfg, *reference, log) as ref:
+        # 4. held-out reference log-probs; held-out metrics before training
+        with log.phase("reference"):
+            eval_batch = next(_with_reference(ref, [common.preference_batch(heldout, pad)])) \
+                if heldout else None
+        if start == 0:
+            _evaluate(learners, eval_batch, cfg, log, 0)
+
+        # 5. train
+        bar = common.progress(cfg, "dpo", start, total)
+        batches = _with_reference(ref, (batch_at(s) for s in range(start, total)))
+        for step, batch in zip(common.steps(start, total, bar), batches):
+            with log.phase("train"):
+                metrics = common.train_step(learners, "dpo_step", batch, cfg.beta, cfg.loss_type,
+                                            cfg.label_smoothing, len(batch))
+            log.log(metrics, step + 1)
+            common.show(bar, metrics, "dpo/loss", "dpo/accuracy", "dpo/margin")
+            if common.eval_due(cfg, step + 1, total):
+                _evaluate(learners, eval_batch, cfg, log, step + 1)
+            if common.checkpoint_due(cfg, step + 1, total):
+                common.save_checkpoint(cfg, learners, log, step + 1, per_epoch, data_id)
+
+        # 6. held-out metrics after training, export
+        _evaluate(learners, eval_batch, cfg, log, total)
+        with log.phase("export"):
+            model_dir = common.export(learners, cfg.run_dir)
+
+    summary = log.finish(common.outputs(cfg.run_dir, model_dir),
+                         {"steps": total, "start_step": start,
+                          "resumed_from": str(resume_from) if resume_from else None})
+    _report(summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+@contextlib.contextmanager
+def _reference_server(cfg: DPOConfig, path: str, dtype: str, log) -> Iterator[WorkerGroup]:
+    """One ReferenceServer for the run, shut down on exit."""
+    with log.phase("start"):
+        group = WorkerGroup(ReferenceServer, "reference", 1,
+                            args=(path, dtype, cfg.learner.micro_batch_size),
+                            resources=WorkerResources(num_cpus=cfg.reference_cpus),
+                            timeout_s=cfg.ray.call_timeout_s)
+    try:
+        yield group
+    finally:
+        group.shutdown()
+
+
+def _with_reference(ref: WorkerGroup, batches: Iterable[PreferenceBatch]) -> Iterator[PreferenceBatch]:
+    """Fill each batch's summed reference log-probs of its chosen and rejected responses.
+    The request for the next batch is sent before this one is handed out, so the reference
+    works while the learners train."""
+    pending = None
+    for batch in batches:
+        refs = [ref.submit(0, "sequence_logps", batch.chosen),
+                ref.submit(0, "sequence_logps", batch.rejected)]
+        if pending is not None:
+            yield _filled(ref, *pending)
+        pending = (batch, refs)
+    if pending is not None:
+        yield _filled(ref, *pending)
+
+
+def _filled(ref: WorkerGroup, batch: PreferenceBatch, refs: list) -> PreferenceBatch:
+    batch.ref_chosen_logps, batch.ref_rejected_logps = ref.get(refs, [0, 0], "sequence_logps")
+    return batch
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _policy_logps(learners, side: SequenceBatch):
+    """(B,) summed policy log-probs of each response."""
+    return (common.infer(learners, "forward_logprobs", side) * side.response_mask).sum(-1)
+
+
+def _evaluate(learners, batch: PreferenceBatch | None, cfg: DPOConfig, log, step: int) -> None:
+    if batch is None:
+        return
+    with log.phase("eval"):
+        chosen = _policy_logps(learners, batch.chosen)
+        rejected = _policy_logps(learners, batch.rejected)
+    out = dpo_loss(chosen, rejected, batch.ref_chosen_logps, batch.ref_rejected_logps, cfg.beta,
+                   cfg.loss_type, cfg.label_smoothing)
+    log.log({"eval/loss": float(out.loss), "eval/accuracy": float(out.accuracy),
+             "eval/margin": float(out.margins.mean()),
+             "eval/chosen_rewards": float(out.chosen_rewards.mean()),
+             "eval/rejected_rewards": float(out.rejected_rewards.mean()),
+             "eval/logp_accuracy": float((chosen > rejected).float().mean()),
+             "eval/logp_margin": float((chosen - rejected).mean()),
+             "eval/chosen_logps": float(chosen.mean())}, step)
+
+
+def _report(summary: dict) -> None:
+    m = summary["metrics"]
+    parts = [f"{name} {m[key]['first']:.3f} -> {m[key]['final']:.3f}"
+             for name, key in (("held-out accuracy", "eval/accuracy"),
+                               ("margin", "eval/margin"),
+                               ("policy prefers chosen", "eval/logp_accuracy"))
+             if key in m]
+    print(f"dpo: {'; '.join(parts) or 'no held-out pairs'}; model -> {summary['outputs']['model']}")

@@ -1,0 +1,213 @@
+"""ppo: online RL with a streaming driver (PPO with GAE, or critic-free GRPO / RLOO / REINFORCE++).
+
+    rlhf-ray ppo launch/configs/ppo_tiny.yaml advantage=grpo max_staleness=1
+
+1. Load train and held-out prompts; start rollout workers (vLLM), reward and reference
+   servers, and DeepSpeed learners (plus a value model for ``gae``).
+2. Queue the prompts of the first ``max_staleness + 1`` steps.
+3. For each step (policy version v):
+   a. collect the step's episodes; each chunk was scored by the reward and reference servers
+      as soon as it finished generating;
+   b. never train on an episode older than v - max_staleness (such episodes are dropped);
+   c. with ``max_staleness`` >= 1, queue the prompts of step v + max_staleness + 1 now, so
+      generation runs while the learners train;
+   d. advantages: KL-shaped rewards + GAE, or group baselines (GRPO / RLOO), or REINFORCE++;
+   e. ``ppo_epochs`` passes of ``mini_batches`` clipped policy-gradient steps;
+   f. sync the new weights to the rollout workers as version v + 1;
+   g. with ``max_staleness`` = 0, queue the next step's prompts only now (strictly on-policy);
+   h. log, evaluate on held-out prompts, checkpoint.
+4. Export the final policy and write ``summary.json`` and a plot of reward and KL.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlhf_ray.advantages import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf_ray.assets import resolve_model
+from rlhf_ray.config import save_config, to_dict
+from rlhf_ray.configs import OptimConfig
+from rlhf_ray.configs_online import PPOConfig
+from rlhf_ray.data import load_tokenizer
+from rlhf_ray.experience import critic_free_advantages, episodes_to_batch, gae_advantages
+from rlhf_ray.metrics import RunLogger
+from rlhf_ray.plots import plot_metrics
+from rlhf_ray.recipes import online
+from rlhf_ray.runtime import ray_session, worker_env
+from rlhf_ray.stream import EpisodeStream
+from rlhf_ray.weight_sync import WeightSync
+
+
+def run(cfg: PPOConfig) -> dict:
+    run_dir = Path(cfg.run_dir)
+    save_config(cfg, run_dir)
+    log = RunLogger(run_dir, cfg.logging, to_dict(cfg), "ppo")
+    policy_path = resolve_model(cfg.model.path, role="policy")
+    reference_path = resolve_model(cfg.reference or cfg.model.path, role="reference")
+    tokenizer = load_tokenizer(policy_path)
+    train_prompts = online.load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, "train")
+    eval_prompts = online.load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, "heldout")[: cfg.eval_prompts]
+    kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+              else FixedKLController(cfg.kl.coef))
+    timeout = cfg.ray.call_timeout_s
+    history: list[dict] = []
+
+    with ray_session(cfg.ray, worker_env(cfg.rollout.kv_cache_gib)):
+        groups = []
+        try:
+            # 1. the roles
+            with log.phase("start"):
+                rollouts = online.start_rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, timeout)
+                groups.append(rollouts)
+                reward = online.start_reward(cfg.reward, timeout)
+                groups.append(reward)
+                reference = online.start_reference(reference_path, cfg.model.dtype, timeout)
+                groups.append(reference)
+                gae = cfg.advantage == "gae"
+                learners = online.start_learners(
+                    policy_path, cfg.learner, cfg.optim, cfg.model.dtype,
+                    cfg.steps * cfg.ppo_epochs * cfg.mini_batches, cfg.seed, timeout, with_value=gae,
+                    value_model=cfg.value_model, value_optim=OptimConfig(lr=cfg.value_lr))
+                groups.append(learners)
+                sync = WeightSync(learners, rollouts)
+            version = _resume(cfg, run_dir, learners, sync, kl_ctl)
+            with log.phase("eval"):
+                log.log(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens), version)
+
+            # 2. queue the first steps
+            stream = EpisodeStream(rollouts, reward, reference, cfg.sampling)
+            for ahead in range(version, min(cfg.steps, version + cfg.max_staleness + 1)):
+                stream.submit(online.prompts_for_step(train_prompts, ahead, cfg.prompts_per_step), cfg.chunk_size)
+
+            bar = tqdm(range(version, cfg.steps), desc="ppo", unit="step", disable=not cfg.logging.progress_bar)
+            for step in bar:
+                t_step = time.perf_counter()
+                # a. this step's scored episodes
+                t0 = time.perf_counter()
+                episodes = stream.collect(cfg.prompts_per_step, timeout)
+                gen_s = time.perf_counter() - t0
+                # b. the staleness bound
+                fresh = [e for e in episodes if e.policy_version >= version - cfg.max_staleness]
+                dropped = len(episodes) - len(fresh)
+                if not fresh:
+                    raise RuntimeError(f"step {step}: every episode is staler than max_staleness={cfg.max_staleness}")
+                # c. generate ahead while training
+                if cfg.max_staleness > 0 and step + cfg.max_staleness + 1 < cfg.steps:
+                    stream.submit(online.prompts_for_step(train_prompts, step + cfg.max_staleness + 1,
+                                                          cfg.prompts_per_step), cfg.chunk_size)
+                # d. advantages
+                batch, adv_metrics = _experience(cfg, fresh, tokenizer.pad_token_id, learners, kl_ctl)
+                # e. policy (and value) updates
+                t0 = time.perf_counter()
+                train_metrics = _train(cfg, batch, learners, kl_ctl.value if cfg.kl.mode == "loss" else 0.0)
+                train_s = time.perf_counter() - t0
+                # f. new weights to the rollout workers
+                sync_metrics = sync.sync(version + 1)
+                version += 1
+                # g. strictly on-policy: the next prompts only see the new weights
+                if cfg.max_staleness == 0 and step + 1 < cfg.steps:
+                    stream.submit(online.prompts_for_step(train_prompts, step + 1, cfg.prompts_per_step),
+                                  cfg.chunk_size)
+                # h. log, evaluate, checkpoint
+                kl_ctl.update(adv_metrics.get("kl/mean", 0.0), len(fresh))
+                step_s = time.perf_counter() - t_step
+                tokens = sum(len(e.response_ids) for e in episodes)
+                metrics = {**online.rollout_metrics(fresh, step), **adv_metrics, **train_metrics,
+                           **sync_metrics, "rollout/dropped_stale": float(dropped), "kl/coef": kl_ctl.value,
+                           "perf/gen_s": gen_s, "perf/score_s": stream.pop_score_latency(),
+                           "perf/train_s": train_s, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
+                if cfg.eval_every and version % cfg.eval_every == 0 and version < cfg.steps:
+                    metrics.update(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens))
+                log.log(metrics, version)
+                history.append({"step": version, **metrics,
+                                "versions_trained": sorted({e.policy_version for e in fresh})})
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0):.3f}")
+                if cfg.checkpoint.save_every and version % cfg.checkpoint.save_every == 0:
+                    _save(cfg, run_dir, learners, version, kl_ctl)
+            with log.phase("eval"):
+                log.log(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens), version)
+            # 4. outputs
+            _save(cfg, run_dir, learners, version, kl_ctl)
+            policy_dir = learners.call("export_hf", str(run_dir / "policy"))[0]
+        finally:
+            for group in reversed(groups):
+                group.shutdown()
+    plot = plot_metrics(log.history, ["reward/mean", "kl/mean", "eval/score"], run_dir / "ppo.png", "PPO")
+    (run_dir / "history.jsonl").write_text("".join(_json(h) + "\n" for h in history))
+    return log.finish({"policy": policy_dir, "plot": str(plot), "history": str(run_dir / "history.jsonl")},
+                      {"advantage": cfg.advantage, "max_staleness": cfg.max_staleness, "final_version": version})
+
+
+def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl_ctl):
+    """Episodes -> ExperienceBatch with advantages (and returns / old values for gae)."""
+    batch = episodes_to_batch(episodes, pad_id)
+    scores = torch.tensor([e.score for e in episodes], dtype=torch.float32)
+    mask = batch.response_mask
+    kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask
+    metrics = {"kl/mean": float(kl.sum(-1).mean())}
+    in_reward = kl_ctl.value if cfg.kl.mode == "reward" else 0.0
+    if cfg.advantage == "gae":
+        values = learners.call("forward_values", batch)[0]
+        batch.advantages, batch.returns, m = gae_advantages(batch, scores, values, in_reward,
+                                                           cfg.kl.estimator, cfg.gamma, cfg.lam)
+        batch.old_values = values
+        metrics.update({"value/mean_old": float((values * mask).sum() / mask.sum())})
+    else:
+        if cfg.advantage in ("grpo", "rloo") and in_reward:
+            scores = scores - in_reward * kl.sum(-1)  # sequence-level KL penalty in the reward
+        batch.advantages, m = critic_free_advantages(batch, scores, cfg.advantage, cfg.sampling.n,
+                                                     in_reward, cfg.kl.estimator, cfg.gamma)
+    m.pop("kl/mean", None)
+    m.pop("kl/coef", None)
+    return batch, {**metrics, **m}
+
+
+def _train(cfg: PPOConfig, batch, learners, kl_coef_loss: float) -> dict:
+    """ppo_epochs x mini_batches steps; each mini-batch split over the D learner ranks."""
+    n, d = len(batch), len(learners)
+    size = -(-n // cfg.mini_batches)
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n)
+        for start in range(0, n, size):
+            mini = batch.select(order[start: start + size])
+            tokens = int(mini.response_mask.sum())
+            shards = [mini.select(torch.arange(r, len(mini), d)) for r in range(d)]
+            results = learners.call_each("ppo_step", [
+                (s, cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, kl_coef_loss, cfg.kl.estimator,
+                 cfg.value_clip_eps, "token_mean", tokens, len(mini)) for s in shards])
+            for k, v in results[0].items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            steps += 1
+    return {k: v / steps for k, v in totals.items()}
+
+
+def _save(cfg: PPOConfig, run_dir: Path, learners, version: int, kl_ctl) -> None:
+    state = {"version": version, "kl_coef": kl_ctl.value}
+    learners.call("save_checkpoint", str(run_dir / "checkpoints"), f"step{version}", state)
+    (run_dir / "checkpoints" / "latest").write_text(f"step{version}")
+
+
+def _resume(cfg: PPOConfig, run_dir: Path, learners, sync: WeightSync, kl_ctl) -> int:
+    """``resume=auto``: restore the last checkpoint and push its weights; returns the version."""
+    latest = run_dir / "checkpoints" / "latest"
+    if cfg.resume != "auto" or not latest.is_file():
+        return 0
+    state = learners.call("load_checkpoint", str(run_dir / "checkpoints"), latest.read_text().strip())[0]
+    version = int(state["version"])
+    if hasattr(kl_ctl, "value"):
+        kl_ctl.value = float(state.get("kl_coef", kl_ctl.value))
+    sync.sync(version)
+    print(f"ppo: resumed from {latest.read_text().strip()} (policy version {version})")
+    return version
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, default=float)

@@ -1,0 +1,165 @@
+"""rm: train a reward model on preference pairs with the pairwise (Bradley-Terry) loss.
+
+    rlhf-ray rm launch/configs/rm_tiny.yaml [key=value ...]
+
+The model is a sequence classifier with a scalar head (a causal LM folder is loaded as one,
+with a fresh head). Its score of a text is the head at the last real token. Each side of a
+pair is laid out exactly as the RewardServer will see an episode: ``prompt_text +
+response_text`` (the prompt rendered with ``data.template``), tokenised as one text with no
+special tokens and no EOS, so training and serving scores agree.
+
+1. Load and validate the preference rows; render and tokenise both sides of each pair.
+2. Open the run folder: resume checks, the resolved config, W&B.
+3. Start the learners (model_kind="reward"); restore the last checkpoint (resume=auto).
+4. Held-out pairwise loss and accuracy before training.
+5. For each step: the next global batch of pairs, split over the ranks; one optimizer step
+   of -log sigmoid(r_chosen - r_rejected - margin). Periodic evaluation and checkpoints.
+6. Held-out loss and accuracy after training. Score the training responses and store their
+   mean and std as ``reward_mean`` / ``reward_std`` in the exported model's config.json,
+   which the RewardServer reads to normalise; write ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf_ray.assets import resolve_model
+from rlhf_ray.batch import PreferenceBatch, SequenceBatch
+from rlhf_ray.configs import RMConfig
+from rlhf_ray.data import DataError, TokenizeStats, load_rows, load_tokenizer, pad_id, prompt_text
+from rlhf_ray.recipes import common
+from rlhf_ray.runtime import ray_session, worker_env
+
+Pair = tuple[list[int], list[int], int, int]  # chosen ids, rejected ids, their prompt lengths
+
+
+def run(cfg: RMConfig) -> dict:
+    model_path = resolve_model(cfg.model.path, role="reward model")
+
+    # 1. data: prompt_text + response, as the RewardServer scores it
+    tokenizer = load_tokenizer(model_path)
+    train, heldout, stats = common.load_splits(reward_pairs, cfg, tokenizer, "rm")
+    pad = pad_id(tokenizer)
+    total = common.total_steps(cfg, len(train))
+    per_epoch = len(train) // cfg.batch_size
+    data_id = common.fingerprint(train)
+    eval_batch = pair_batch(heldout, pad) if heldout else None
+
+    # 2. run folder
+    log, resume_from = common.open_run(cfg, "rm", data_id)
+    log.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
+             "data/dropped": stats.dropped, "data/truncated": stats.truncated}, step=0)
+
+    # 3. learners (restored from the last checkpoint with resume=auto)
+    with ray_session(cfg.ray, worker_env()), common.learner_group(
+            cfg, model_path, "reward", total, log, resume_from) as (learners, start):
+        # 4. held-out accuracy before training
+        if start == 0:
+            _evaluate(learners, eval_batch, cfg.margin, log, 0)
+
+        # 5. train
+        bar = common.progress(cfg, "rm", start, total)
+        for step in common.steps(start, total, bar):
+            rows = common.batch_indices(len(train), cfg.batch_size, cfg.seed, step)
+            batch = pair_batch([train[i] for i in rows], pad)
+            with log.phase("train"):
+                metrics = common.train_step(learners, "rm_step", batch, cfg.margin, len(batch))
+            log.log(metrics, step + 1)
+            common.show(bar, metrics, "rm/loss", "rm/accuracy")
+            if common.eval_due(cfg, step + 1, total):
+                _evaluate(learners, eval_batch, cfg.margin, log, step + 1)
+            if common.checkpoint_due(cfg, step + 1, total):
+                common.save_checkpoint(cfg, learners, log, step + 1, per_epoch, data_id)
+
+        # 6. held-out accuracy after training; reward statistics; export
+        _evaluate(learners, eval_batch, cfg.margin, log, total)
+        with log.phase("reward_stats"):
+            mean, std = _reward_stats(learners, train[: cfg.stats_rows], pad)
+        log.log({"rm/reward_mean": mean, "rm/reward_std": std}, total)
+        with log.phase("export"):
+            model_dir = common.export(learners, cfg.run_dir)
+            _store_stats(model_dir, mean, std)
+
+    summary = log.finish(common.outputs(cfg.run_dir, model_dir),
+                         {"steps": total, "start_step": start, "reward_mean": mean,
+                          "reward_std": std,
+                          "resumed_from": str(resume_from) if resume_from else None})
+    acc = summary["metrics"].get("eval/accuracy")
+    before_after = f"held-out accuracy {acc['first']:.3f} -> {acc['final']:.3f}; " if acc else ""
+    print(f"rm: {before_after}reward mean {mean:.3f} std {std:.3f}; model -> {model_dir}")
+    return summary
+
+
+# --------------------------------------------------------------------------- data
+
+
+def reward_pairs(data, tokenizer, split: str) -> tuple[list[Pair], TokenizeStats, object]:
+    """Preference rows of ``split`` as token ids of ``prompt_text + response`` (no special
+    tokens, no EOS), with each side's prompt length. Rows over ``data.max_length`` are
+    dropped, or cut on the right with ``truncation=truncate``."""
+    if data.format != "preference":
+        raise DataError(data.source, f"data.format is '{data.format}' (expected 'preference' "
+                                     "for a reward model)")
+    loaded = load_rows(data, split, tokenizer)
+    prompts = [prompt_text(row, data.template, tokenizer) for row in loaded.rows]
+    texts = [t for p, row in zip(prompts, loaded.rows) for t in (p + row.chosen, p + row.rejected)]
+    ids = _encode(tokenizer, texts)
+    prompt_lengths = [len(x) for x in _encode(tokenizer, prompts)]
+    stats, pairs = TokenizeStats(), []
+    for i, n in enumerate(prompt_lengths):
+        chosen, rejected = ids[2 * i], ids[2 * i + 1]
+        if max(len(chosen), len(rejected)) > data.max_length:
+            if data.truncation == "drop":
+                stats.dropped += 1
+                continue
+            chosen, rejected = chosen[: data.max_length], rejected[: data.max_length]
+            if chosen == rejected:
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+        stats.kept += 1
+        pairs.append((chosen, rejected, min(n, len(chosen) - 1), min(n, len(rejected) - 1)))
+    return pairs, stats, loaded
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def pair_batch(pairs: list[Pair], pad: int) -> PreferenceBatch:
+    return PreferenceBatch(_side([(c, n) for c, _, n, _ in pairs], pad),
+                           _side([(r, n) for _, r, _, n in pairs], pad))
+
+
+def _side(items: list[tuple[list[int], int]], pad: int) -> SequenceBatch:
+    return SequenceBatch.from_pairs([(ids[:n], ids[n:]) for ids, n in items], pad)
+
+
+# --------------------------------------------------------------------------- evaluation, stats
+
+
+def _evaluate(learners, batch, margin: float, log, step: int) -> None:
+    """Held-out pairwise loss, accuracy, mean scores and margin (global over ranks)."""
+    if batch is None:
+        return
+    with log.phase("eval"):
+        log.log(common.call_sharded(learners, "evaluate", batch, "rm", margin=margin)[0], step)
+
+
+def _reward_stats(learners, pairs: list[Pair], pad: int) -> tuple[float, float]:
+    """Mean and (population) std of the scores of every training response."""
+    texts = [c for c, _, _, _ in pairs] + [r for _, r, _, _ in pairs]
+    batch = SequenceBatch.from_pairs([(ids[:1], ids[1:]) for ids in texts], pad)
+    scores = common.infer(learners, "forward_scores", batch).double()
+    return float(scores.mean()), float(scores.std(unbiased=False).clamp_min(1e-6))
+
+
+def _store_stats(model_dir: str, mean: float, std: float) -> None:
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update({"reward_mean": mean, "reward_std": std})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
