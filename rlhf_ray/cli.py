@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rlhf_ray.config import ConfigError, build_config, describe, to_yaml
@@ -83,10 +84,22 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     import importlib
 
     yaml_path, overrides = _split_config_args(args.items)
+    if getattr(args, "json", False):
+        overrides = ["ray.log_to_driver=false", *overrides]  # stdout carries only the JSON
     cfg = build_config(_recipes()[args.command], yaml_path, overrides)
     module = importlib.import_module(f"rlhf_ray.recipes.{args.command}")
-    summary = module.run(cfg)
-    if getattr(args, "json", False):
+    if not getattr(args, "json", False):
+        summary = module.run(cfg)
+    else:  # everything the libraries print goes to stderr; stdout carries only the JSON
+        sys.stdout.flush()
+        real_stdout = os.dup(1)
+        os.dup2(2, 1)
+        try:
+            summary = module.run(cfg)
+        finally:
+            sys.stdout.flush()
+            os.dup2(real_stdout, 1)
+            os.close(real_stdout)
         print(json.dumps(summary, indent=2, default=str))
     return 0 if summary.get("ok", True) else 1
 

@@ -44,9 +44,9 @@ def ray_session(cfg: RayConfig, env: dict[str, str] | None = None):
         if cfg.address == "local":
             ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
                      object_store_memory=cfg.object_store_mb << 20, runtime_env=runtime_env,
-                     log_to_driver=True)
+                     log_to_driver=cfg.log_to_driver)
         else:
-            ray.init(address=cfg.address, runtime_env=runtime_env)
+            ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=cfg.log_to_driver)
         owned = True
     try:
         yield ray

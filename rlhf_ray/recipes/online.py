@@ -11,7 +11,6 @@ from rlhf_ray.configs import (
     DataConfig,
     LearnerConfig,
     OptimConfig,
-    RayConfig,
     RewardConfig,
     RolloutConfig,
     SamplingConfig,
