@@ -18,7 +18,7 @@ from rlhf_ray.config import ConfigError, build_config, describe, to_yaml
 
 
 def _recipes() -> dict[str, type]:
-    from rlhf_ray.configs import RECIPES
+    from rlhf_ray.recipes import RECIPES
 
     return RECIPES
 

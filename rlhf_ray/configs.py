@@ -69,6 +69,7 @@ class OptimConfig:
     warmup_steps: int = option(0, "Linear warm-up steps.")
     schedule: Literal["constant", "cosine", "linear"] = option("constant", "LR schedule after warm-up.")
     grad_clip: float = option(1.0, "Gradient-norm clip (0 disables).")
+    eps: float = option(1e-8, "AdamW epsilon.")
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -93,6 +94,8 @@ class LearnerConfig:
             raise ConfigError(f"learner.num_workers: expected at least 1, got {self.num_workers}")
         if self.micro_batch_size < 1:
             raise ConfigError(f"learner.micro_batch_size: expected at least 1, got {self.micro_batch_size}")
+        if self.offload and self.zero_stage == 0:
+            raise ConfigError("learner.offload: needs learner.zero_stage >= 1, got 0")
 
 
 @dataclass
@@ -236,16 +239,3 @@ class DPOConfig(SFTConfig):
 class DoctorConfig(RunConfig):
     model: ModelConfig = section(ModelConfig, "The tiny model used for the round trip.")
     ray: RayConfig = section(RayConfig, "Ray cluster connection.")
-
-
-# The online recipes build on the parts above (imported last to avoid a cycle).
-from rlhf_ray.configs_online import PPOConfig  # noqa: E402
-
-RECIPES: dict[str, type] = {
-    "generate": GenerateConfig,
-    "sft": SFTConfig,
-    "rm": RMConfig,
-    "dpo": DPOConfig,
-    "doctor": DoctorConfig,
-    "ppo": PPOConfig,
-}

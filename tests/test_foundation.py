@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from rlhf_ray.config import ConfigError, build_config, describe, to_dict
-from rlhf_ray.configs import RECIPES, SFTConfig
+from rlhf_ray.configs import SFTConfig
+from rlhf_ray.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "rlhf_ray.cli"]

@@ -111,6 +111,16 @@ def heldout_score(rollouts: WorkerGroup, reward: WorkerGroup, prompts: list[Prom
             "eval/response_len": sum(len(e.response_ids) for e in episodes) / len(episodes)}
 
 
+def check_groups(episodes: list[Episode], n: int) -> None:
+    """Group baselines need the n samples of each prompt as contiguous rows [g*n, (g+1)*n)."""
+    for start in range(0, len(episodes), n):
+        group = episodes[start: start + n]
+        if len(group) != n or len({e.prompt_index for e in group}) != 1 or \
+                sorted(e.sample_index for e in group) != list(range(n)):
+            raise RuntimeError(f"episodes {start}..{start + n - 1} are not one prompt's {n} samples: "
+                               f"{[(e.prompt_index, e.sample_index) for e in group]}")
+
+
 def rollout_metrics(episodes: list[Episode], version: int) -> dict[str, float]:
     scores = torch.tensor([e.score for e in episodes], dtype=torch.float32)
     lengths = torch.tensor([len(e.response_ids) for e in episodes], dtype=torch.float32)

@@ -9,13 +9,12 @@
    a. collect the step's episodes; each chunk was scored by the reward and reference servers
       as soon as it finished generating;
    b. never train on an episode older than v - max_staleness (such episodes are dropped);
-   c. with ``max_staleness`` >= 1, queue the prompts of step v + max_staleness + 1 now, so
-      generation runs while the learners train;
-   d. advantages: KL-shaped rewards + GAE, or group baselines (GRPO / RLOO), or REINFORCE++;
-   e. ``ppo_epochs`` passes of ``mini_batches`` clipped policy-gradient steps;
-   f. sync the new weights to the rollout workers as version v + 1;
-   g. with ``max_staleness`` = 0, queue the next step's prompts only now (strictly on-policy);
-   h. log, evaluate on held-out prompts, checkpoint.
+   c. advantages: KL-shaped rewards + GAE, or group baselines (GRPO / RLOO), or REINFORCE++;
+   d. ``ppo_epochs`` passes of ``mini_batches`` clipped policy-gradient steps; meanwhile the
+      rollout workers keep generating the ``max_staleness`` steps already queued;
+   e. sync the new weights to the rollout workers as version v + 1;
+   f. queue the prompts of step v + max_staleness + 1 (with 0: strictly on-policy);
+   g. log, evaluate on held-out prompts, checkpoint.
 4. Export the final policy and write ``summary.json`` and a plot of reward and KL.
 """
 
@@ -95,36 +94,36 @@ def run(cfg: PPOConfig) -> dict:
                 dropped = len(episodes) - len(fresh)
                 if not fresh:
                     raise RuntimeError(f"step {step}: every episode is staler than max_staleness={cfg.max_staleness}")
-                # c. generate ahead while training
-                if cfg.max_staleness > 0 and step + cfg.max_staleness + 1 < cfg.steps:
-                    stream.submit(online.prompts_for_step(train_prompts, step + cfg.max_staleness + 1,
-                                                          cfg.prompts_per_step), cfg.chunk_size)
-                # d. advantages
+                online.check_groups(fresh, cfg.sampling.n)
+                rollout_m = online.rollout_metrics(fresh, version)
+                trained = {"trained_at_version": version,
+                           "versions_trained": sorted({e.policy_version for e in fresh})}
+                # c. advantages
                 batch, adv_metrics = _experience(cfg, fresh, tokenizer.pad_token_id, learners, kl_ctl)
-                # e. policy (and value) updates
+                # d. policy (and value) updates
                 t0 = time.perf_counter()
                 train_metrics = _train(cfg, batch, learners, kl_ctl.value if cfg.kl.mode == "loss" else 0.0)
                 train_s = time.perf_counter() - t0
-                # f. new weights to the rollout workers
+                # e. new weights to the rollout workers
                 sync_metrics = sync.sync(version + 1)
                 version += 1
-                # g. strictly on-policy: the next prompts only see the new weights
-                if cfg.max_staleness == 0 and step + 1 < cfg.steps:
-                    stream.submit(online.prompts_for_step(train_prompts, step + 1, cfg.prompts_per_step),
-                                  cfg.chunk_size)
-                # h. log, evaluate, checkpoint
+                # f. queue step + k + 1: it is generated with version >= v + 1 and trained at
+                #    v + k + 1, so its staleness is at most k
+                if step + cfg.max_staleness + 1 < cfg.steps:
+                    stream.submit(online.prompts_for_step(train_prompts, step + cfg.max_staleness + 1,
+                                                          cfg.prompts_per_step), cfg.chunk_size)
+                # g. log, evaluate, checkpoint
                 kl_ctl.update(adv_metrics.get("kl/mean", 0.0), len(fresh))
                 step_s = time.perf_counter() - t_step
                 tokens = sum(len(e.response_ids) for e in episodes)
-                metrics = {**online.rollout_metrics(fresh, step), **adv_metrics, **train_metrics,
+                metrics = {**rollout_m, **adv_metrics, **train_metrics,
                            **sync_metrics, "rollout/dropped_stale": float(dropped), "kl/coef": kl_ctl.value,
                            "perf/gen_s": gen_s, "perf/score_s": stream.pop_score_latency(),
                            "perf/train_s": train_s, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
                 if cfg.eval_every and version % cfg.eval_every == 0 and version < cfg.steps:
                     metrics.update(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens))
                 log.log(metrics, version)
-                history.append({"step": version, **metrics,
-                                "versions_trained": sorted({e.policy_version for e in fresh})})
+                history.append({"step": version, **metrics, **trained})
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0):.3f}")
                 if cfg.checkpoint.save_every and version % cfg.checkpoint.save_every == 0:
                     _save(cfg, run_dir, learners, version, kl_ctl)

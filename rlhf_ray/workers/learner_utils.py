@@ -35,7 +35,6 @@ from rlhf_ray.losses import (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
                    "tokenizer.model")
-ADAM_EPS = 1e-8
 
 B = TypeVar("B", bound=SequenceBatch)
 
@@ -107,9 +106,8 @@ def build_optimizer(module: torch.nn.Module, optim: OptimConfig) -> torch.optim.
             (decay if ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    eps = getattr(optim, "eps", ADAM_EPS)  # OptimConfig.eps once configs.py has the field
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
-                             betas=tuple(optim.betas), eps=eps)
+                             betas=tuple(optim.betas), eps=optim.eps)
 
 
 def shm_buffer_path() -> str:

@@ -122,10 +122,12 @@ class RewardServer(Worker):
     def _model_scores(self, episodes: list[Episode]) -> list[float]:
         import torch
 
+        from rlhf_ray.models import sequence_scores
+
         texts = [e.prompt_text + e.response_text for e in episodes]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            logits = self.model(**enc).logits[:, 0].float()
+            logits = sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).float()
         if self.cfg.normalize:
             logits = (logits - self.mean) / self.std
         return logits.tolist()

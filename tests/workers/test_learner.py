@@ -38,11 +38,8 @@ SHM = "/dev/shm/deepspeed_allreduce_buffer_*"
 REGIMES = {"adamw": {"lr": 1e-3}, "linear": {"lr": 0.1, "grad_clip": 0.0, "eps": 1.0}}
 
 
-def optim_config(lr: float = 1e-3, grad_clip: float = 1.0, eps: float | None = None):
-    cfg = OptimConfig(lr=lr, grad_clip=grad_clip)
-    if eps is not None:
-        cfg.eps = eps  # read with getattr until OptimConfig gains an `eps` field
-    return cfg
+def optim_config(lr: float = 1e-3, grad_clip: float = 1.0, eps: float = 1e-8):
+    return OptimConfig(lr=lr, grad_clip=grad_clip, eps=eps)
 
 
 @contextlib.contextmanager

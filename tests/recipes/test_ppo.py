@@ -1,0 +1,87 @@
+"""The streaming PPO driver on the tiny model: invariants of versions, grouping, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.config import build_config
+from rlhf_ray.configs_online import PPOConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "launch" / "configs" / "ppo_tiny.yaml"
+
+
+def run_ppo(tmp_path: Path, *overrides: str) -> tuple[dict, list[dict]]:
+    from rlhf_ray.recipes import ppo
+
+    cfg = build_config(PPOConfig, TINY, [f"run_dir={tmp_path}", "logging.progress_bar=false", *overrides])
+    summary = ppo.run(cfg)
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    return summary, history
+
+
+def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_path):
+    summary, history = run_ppo(tmp_path, "advantage=grpo", "max_staleness=0", "steps=3",
+                               "rollout.num_workers=2")
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for h in history:
+        assert h["versions_trained"] == [h["trained_at_version"]], h
+        assert h["rollout/dropped_stale"] == 0
+        assert h["rollout/episodes"] == 4 * 2  # prompts_per_step x sampling.n
+    m = summary["metrics"]
+    for key in ("perf/gen_s", "perf/score_s", "perf/train_s", "perf/sync_s", "perf/step_s",
+                "perf/tokens_per_s", "reward/mean", "kl/mean", "policy/loss", "eval/score"):
+        assert key in m, key
+    assert m["sync/version"]["final"] == 3
+    assert Path(summary["outputs"]["plot"]).stat().st_size > 1000
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(summary["outputs"]["policy"])  # the exported policy loads
+
+
+def test_rloo_with_staleness_one_runs_ahead_but_within_bound(ray_local, tmp_path):
+    _, history = run_ppo(tmp_path, "advantage=rloo", "max_staleness=1", "steps=3", "kl.mode=loss",
+                         "kl.estimator=k3")
+    assert len(history) == 3
+    for h in history:
+        assert all(h["trained_at_version"] - v <= 1 for v in h["versions_trained"]), h
+    # generation really ran ahead: some step trained on episodes one version old
+    assert any(min(h["versions_trained"]) == h["trained_at_version"] - 1 for h in history)
+
+
+def test_gae_with_value_model_and_resume_mid_run(ray_local, tmp_path):
+    first, history = run_ppo(tmp_path, "advantage=gae", "steps=2", "checkpoint.save_every=1",
+                             "kl.adaptive=true", "kl.target=0.5")
+    assert "value/loss" in first["metrics"]
+    assert [h["step"] for h in history] == [1, 2]
+    resumed, history = run_ppo(tmp_path, "advantage=gae", "steps=3", "resume=auto",
+                               "kl.adaptive=true", "kl.target=0.5")
+    assert [h["step"] for h in history] == [3], "the resumed run must continue at version 3"
+    assert resumed["final_version"] == 3
+    assert history[0]["trained_at_version"] == 2
+
+
+def test_groups_are_checked():
+    from rlhf_ray.batch import Episode
+    from rlhf_ray.recipes.online import check_groups
+
+    def ep(p, k):
+        return Episode([1], [2], "", "", [0.0], "stop", 0, prompt_index=p, sample_index=k)
+
+    check_groups([ep(0, 0), ep(0, 1), ep(1, 0), ep(1, 1)], 2)
+    with pytest.raises(RuntimeError, match="not one prompt's 2 samples"):
+        check_groups([ep(0, 0), ep(1, 0), ep(0, 1), ep(1, 1)], 2)
+
+
+def test_reinforce_pp_and_bad_settings(ray_local, tmp_path):
+    summary, history = run_ppo(tmp_path, "advantage=reinforce++", "steps=1")
+    assert summary["final_version"] == 1 and history[0]["rollout/episodes"] == 8
+    from rlhf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs sampling.n >= 2"):
+        build_config(PPOConfig, TINY, ["advantage=grpo", "sampling.n=1"])
+    with pytest.raises(ConfigError, match="max_staleness"):
+        build_config(PPOConfig, TINY, ["max_staleness=-1"])
