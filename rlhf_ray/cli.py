@@ -5,6 +5,8 @@
     rlhf-ray data inspect PATH --format F        statistics and validation of a data file
     rlhf-ray generate [CONFIG.yaml] [k=v]        sample from a model with rollout workers
     rlhf-ray doctor [--json]                     a self-check of every role on the tiny model
+    rlhf-ray <recipe> [CONFIG.yaml] [k=v]        sft rm dpo prefs rs ppo pipeline generate
+    rlhf-ray submit --address URL RECIPE ...     the same, as a job on a Ray cluster
 """
 
 from __future__ import annotations
@@ -104,6 +106,22 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0 if summary.get("ok", True) else 1
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from rlhf_ray.submit import job_logs, submit
+
+    if args.recipe not in _recipes():
+        print(f"error: unknown recipe '{args.recipe}'; choices: {', '.join(_recipes())}", file=sys.stderr)
+        return 2
+    yaml_path, overrides = _split_config_args(args.items)
+    build_config(_recipes()[args.recipe], yaml_path, overrides)  # fail here, not on the cluster
+    job_id, status = submit(args.address, args.recipe, args.items, args.python, args.working_dir,
+                            args.wait)
+    print(f"job {job_id}: {status}")
+    if args.wait:
+        print(job_logs(args.address, job_id))
+    return 0 if status in ("SUBMITTED", "SUCCEEDED") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description="Distributed RLHF on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,10 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--template", choices=["alpaca", "chat"], default="alpaca")
     q.set_defaults(func=cmd_data)
 
+    p = sub.add_parser("submit", help="run a recipe as a job on a Ray cluster")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    p.add_argument("--python", help="Python on the cluster nodes (default: this one)")
+    p.add_argument("--working-dir", help="upload this folder as the job's working directory")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its logs")
+    p.add_argument("recipe")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    p.set_defaults(func=cmd_submit)
+
     helps = {
         "generate": "sample responses from a model with vLLM rollout workers",
         "doctor": "self-check: one generate/score/reference/train/sync round trip",
         "sft": "supervised fine-tuning", "rm": "reward-model training", "dpo": "DPO / IPO",
+        "ppo": "online RL: PPO (gae) or GRPO / RLOO / REINFORCE++", "rs": "rejection sampling (best-of-n)",
+        "prefs": "build preference pairs with a judge", "pipeline": "SFT -> prefs -> RM -> RS -> PPO, + DPO",
     }
     import importlib.util
 

@@ -9,15 +9,18 @@ from rlhf_ray.config import ConfigError, option, section
 from rlhf_ray.configs import (
     CheckpointConfig,
     DataConfig,
+    DPOConfig,
     LearnerConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
     RayConfig,
     RewardConfig,
+    RMConfig,
     RolloutConfig,
     RunConfig,
     SamplingConfig,
+    SFTConfig,
 )
 
 
@@ -73,3 +76,79 @@ class PPOConfig(RunConfig):
             raise ConfigError("steps, prompts_per_step and chunk_size must be at least 1")
         if not (self.reward.model or self.reward.function):
             raise ConfigError("reward: set reward.model, reward.function or both")
+
+
+@dataclass
+class RSConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The policy to improve (usually the SFT model).")
+    data: DataConfig = option(DataConfig(format="prompt", template="chat"), "Prompts (format: prompt).")
+    sampling: SamplingConfig = option(SamplingConfig(n=4), "Sampling; sampling.n responses per prompt.")
+    rollout: RolloutConfig = section(RolloutConfig, "vLLM rollout workers.")
+    reward: RewardConfig = option(RewardConfig(function="arithmetic"), "Scores the n samples.")
+    learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners (SFT on the kept set).")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    rounds: int = option(2, "Rounds of sample -> keep best -> fine-tune -> sync.")
+    prompts_per_round: int = option(32, "Prompts sampled each round.")
+    threshold: float | None = option(None, "Keep a prompt's best response only if it scores at least this (null: always).")
+    epochs: int = option(1, "SFT passes over each round's kept set.")
+    batch_size: int = option(16, "Sequences per optimizer step.")
+    eval_prompts: int = option(32, "Held-out prompts per evaluation (greedy).")
+    ray: RayConfig = section(RayConfig, "Ray cluster connection.")
+    logging: LoggingConfig = section(LoggingConfig, "Logging.")
+
+    def validate(self) -> None:
+        if self.sampling.n < 2:
+            raise ConfigError(f"sampling.n: rejection sampling needs at least 2 samples per prompt, got {self.sampling.n}")
+        if self.rounds < 1 or self.prompts_per_round < 1 or self.batch_size < 1:
+            raise ConfigError("rounds, prompts_per_round and batch_size must be at least 1")
+
+
+@dataclass
+class PrefsConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The policy that writes the candidate responses.")
+    data: DataConfig = option(DataConfig(format="prompt", template="chat"), "Prompts, or preference rows for judge=labels.")
+    sampling: SamplingConfig = option(SamplingConfig(n=4), "sampling.n candidates per prompt.")
+    rollout: RolloutConfig = section(RolloutConfig, "vLLM rollout workers.")
+    judge: Literal["reward", "labels"] = option("reward", "reward: the RewardServer picks best/worst; labels: pairs already on disk.")
+    reward: RewardConfig = option(RewardConfig(function="arithmetic"), "The judge (reward function and/or model).")
+    split: Literal["train", "heldout", "all"] = option("train", "Which split of the prompts to use.")
+    min_margin: float = option(0.0, "Skip a prompt unless best - worst score exceeds this (ties never make pairs).")
+    ray: RayConfig = section(RayConfig, "Ray cluster connection.")
+    logging: LoggingConfig = section(LoggingConfig, "Logging.")
+
+    def validate(self) -> None:
+        if self.judge == "reward" and self.sampling.n < 2:
+            raise ConfigError(f"sampling.n: a judge needs at least 2 candidates per prompt, got {self.sampling.n}")
+        if self.judge == "labels" and self.data.format != "preference":
+            raise ConfigError("judge=labels reads existing pairs: set data.format=preference")
+
+
+STAGES = ("sft", "prefs", "rm", "rs", "ppo", "dpo")
+
+
+@dataclass
+class PipelineConfig(RunConfig):
+    """SFT -> prefs -> RM -> RS -> PPO, with a DPO branch from the SFT model, on one Ray."""
+
+    model: ModelConfig = section(ModelConfig, "The pretrained model the pipeline starts from.")
+    stages: list[str] = option(list(STAGES), "Stages to run, in pipeline order (a subset of sft prefs rm rs ppo dpo).")
+    eval_data: DataConfig = option(DataConfig(format="prompt", template="alpaca"), "Held-out task prompts every stage's model is scored on.")
+    eval_checker: str = option("arithmetic", "Exact-answer checker that scores the held-out task.")
+    eval_prompts: int = option(64, "Held-out prompts in the final comparison.")
+    eval_max_new_tokens: int = option(48, "Greedy tokens per held-out answer.")
+    sft: SFTConfig = section(SFTConfig, "Stage 1: supervised fine-tuning (from model).")
+    prefs: PrefsConfig = section(PrefsConfig, "Stage 2: preference pairs written by the SFT model.")
+    rm: RMConfig = section(RMConfig, "Stage 3: reward model on the pairs (initialised from the SFT model).")
+    rs: RSConfig = section(RSConfig, "Stage 4: rejection sampling from the SFT model, scored by the RM.")
+    ppo: PPOConfig = section(PPOConfig, "Stage 5: PPO from the RS model, reference = SFT, reward = RM.")
+    dpo: DPOConfig = section(DPOConfig, "Branch: DPO from the SFT model on the same pairs.")
+    ray: RayConfig = section(RayConfig, "Ray cluster connection (shared by every stage).")
+    logging: LoggingConfig = section(LoggingConfig, "Logging (applied to every stage).")
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown {unknown}; choices: {', '.join(STAGES)}")
+        order = [s for s in STAGES if s in self.stages]
+        if order != list(self.stages):
+            raise ConfigError(f"stages: must follow the pipeline order {', '.join(STAGES)}; got {self.stages}")

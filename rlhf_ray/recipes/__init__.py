@@ -2,7 +2,7 @@
 name to its config tree (the CLI offers every name here whose module exists)."""
 
 from rlhf_ray.configs import DoctorConfig, DPOConfig, GenerateConfig, RMConfig, SFTConfig
-from rlhf_ray.configs_online import PPOConfig
+from rlhf_ray.configs_online import PipelineConfig, PPOConfig, PrefsConfig, RSConfig
 
 RECIPES: dict[str, type] = {
     "generate": GenerateConfig,
@@ -10,5 +10,8 @@ RECIPES: dict[str, type] = {
     "rm": RMConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
+    "rs": RSConfig,
+    "prefs": PrefsConfig,
+    "pipeline": PipelineConfig,
     "doctor": DoctorConfig,
 }

@@ -51,6 +51,10 @@ def load_splits(loader: Callable, cfg: Any, tokenizer: Any, recipe: str) -> tupl
         raise DataError(cfg.data.source, _format_hint(cfg.data, recipe, e)) from None
     if cfg.max_eval_rows is not None:
         heldout = heldout[: cfg.max_eval_rows]
+    if 0 < len(heldout) < cfg.learner.num_workers:
+        raise ConfigError(f"data.heldout_fraction: {len(heldout)} held-out examples cannot be "
+                          f"split over learner.num_workers={cfg.learner.num_workers} ranks; "
+                          "hold out more rows (or set heldout_fraction=0 to skip evaluation)")
     return train, heldout, stats
 
 
@@ -172,6 +176,9 @@ def learner_group(cfg: Any, model_path: str, kind: str, steps: int, log: RunLogg
 
 def shard(batch: SequenceBatch | PreferenceBatch, n: int) -> list:
     """``n`` contiguous, near-equal row shards of a global batch (one per rank)."""
+    if len(batch) < n:
+        raise ValueError(f"{len(batch)} rows cannot be split over {n} learner ranks "
+                         "(every rank needs at least one row)")
     parts = torch.arange(len(batch)).tensor_split(n)
     if isinstance(batch, PreferenceBatch):
         def cut(t, s):
@@ -249,9 +256,19 @@ def export(group: Any, run_dir: str | Path) -> str:
     return str(path)
 
 
-def outputs(run_dir: str | Path, model: str) -> dict[str, str]:
+def finish(cfg: Any, log: RunLogger, model_dir: str, plot_keys: list[str], start: int,
+           total: int, resume_from: Path | None, extra: dict | None = None) -> dict:
+    """Plot the learning curves, write ``summary.json`` (metrics, outputs, phase times)."""
+    from rlhf_ray.plots import plot_metrics
+
+    run_dir = Path(cfg.run_dir).resolve()
+    out = {"model": model_dir, "config": str(run_dir / "config.yaml")}
     last = checkpoint.latest(run_dir)
-    out = {"model": model, "config": str(Path(run_dir).resolve() / "config.yaml")}
     if last is not None:
         out["checkpoint"] = str(last)
-    return out
+    if log.history:
+        out["plot"] = str(plot_metrics(log.history, plot_keys, run_dir / f"{log.recipe}.png",
+                                       f"{log.recipe}: {run_dir.name}"))
+    return log.finish(out, {"steps": total, "start_step": start,
+                            "resumed_from": str(resume_from) if resume_from else None,
+                            **(extra or {})})

@@ -69,15 +69,14 @@ def run(cfg: DPOConfig) -> dict:
             cfg, model_path, "causal_lm", total, log, resume_from) as (learners, start), \
             _reference_server(cfg, *reference, log) as ref:
         # 4. held-out reference log-probs; held-out metrics before training
-        with log.phase("reference"):
-            eval_batch = next(_with_reference(ref, [common.preference_batch(heldout, pad)])) \
-                if heldout else None
+        eval_batch = next(_with_reference(ref, [common.preference_batch(heldout, pad)], log)) \
+            if heldout else None
         if start == 0:
             _evaluate(learners, eval_batch, cfg, log, 0)
 
         # 5. train
         bar = common.progress(cfg, "dpo", start, total)
-        batches = _with_reference(ref, (batch_at(s) for s in range(start, total)))
+        batches = _with_reference(ref, (batch_at(s) for s in range(start, total)), log)
         for step, batch in zip(common.steps(start, total, bar), batches):
             with log.phase("train"):
                 metrics = common.train_step(learners, "dpo_step", batch, cfg.beta, cfg.loss_type,
@@ -94,9 +93,8 @@ def run(cfg: DPOConfig) -> dict:
         with log.phase("export"):
             model_dir = common.export(learners, cfg.run_dir)
 
-    summary = log.finish(common.outputs(cfg.run_dir, model_dir),
-                         {"steps": total, "start_step": start,
-                          "resumed_from": str(resume_from) if resume_from else None})
+    summary = common.finish(cfg, log, model_dir, ["dpo/loss", "dpo/margin", "eval/accuracy",
+                                                   "eval/logp_accuracy"], start, total, resume_from)
     _report(summary)
     return summary
 
@@ -118,23 +116,25 @@ def _reference_server(cfg: DPOConfig, path: str, dtype: str, log) -> Iterator[Wo
         group.shutdown()
 
 
-def _with_reference(ref: WorkerGroup, batches: Iterable[PreferenceBatch]) -> Iterator[PreferenceBatch]:
+def _with_reference(ref: WorkerGroup, batches: Iterable[PreferenceBatch],
+                    log) -> Iterator[PreferenceBatch]:
     """Fill each batch's summed reference log-probs of its chosen and rejected responses.
     The request for the next batch is sent before this one is handed out, so the reference
-    works while the learners train."""
+    works while the learners train (the ``reference`` phase is the time spent waiting)."""
     pending = None
     for batch in batches:
         refs = [ref.submit(0, "sequence_logps", batch.chosen),
                 ref.submit(0, "sequence_logps", batch.rejected)]
         if pending is not None:
-            yield _filled(ref, *pending)
+            yield _filled(ref, *pending, log)
         pending = (batch, refs)
     if pending is not None:
-        yield _filled(ref, *pending)
+        yield _filled(ref, *pending, log)
 
 
-def _filled(ref: WorkerGroup, batch: PreferenceBatch, refs: list) -> PreferenceBatch:
-    batch.ref_chosen_logps, batch.ref_rejected_logps = ref.get(refs, [0, 0], "sequence_logps")
+def _filled(ref: WorkerGroup, batch: PreferenceBatch, refs: list, log) -> PreferenceBatch:
+    with log.phase("reference"):
+        batch.ref_chosen_logps, batch.ref_rejected_logps = ref.get(refs, [0, 0], "sequence_logps")
     return batch
 
 

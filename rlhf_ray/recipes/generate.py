@@ -21,12 +21,10 @@ from tqdm import tqdm
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.config import save_config, to_dict
 from rlhf_ray.configs import GenerateConfig
-from rlhf_ray.data import load_rows, load_tokenizer, tokenize_prompts
+from rlhf_ray.data import load_tokenizer
 from rlhf_ray.metrics import RunLogger
+from rlhf_ray.recipes import online
 from rlhf_ray.runtime import ray_session, worker_env
-from rlhf_ray.workers.group import WorkerGroup, WorkerResources
-from rlhf_ray.workers.reward import RewardServer
-from rlhf_ray.workers.rollout import RolloutWorker
 
 
 def run(cfg: GenerateConfig) -> dict:
@@ -38,22 +36,15 @@ def run(cfg: GenerateConfig) -> dict:
     # 1. prompts
     with log.phase("data"):
         tokenizer = load_tokenizer(model_path)
-        rows = load_rows(cfg.data, cfg.split, tokenizer).rows
-        prompts, stats = tokenize_prompts(rows, tokenizer, cfg.rollout.max_model_len - 1,
-                                          cfg.data.truncation, cfg.data.template)
+        prompts = online.load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, cfg.split)
     scoring = bool(cfg.reward.model or cfg.reward.function)
 
     with ray_session(cfg.ray, worker_env(cfg.rollout.kv_cache_gib)):
         # 2. workers
         with log.phase("start"):
-            rollouts = WorkerGroup(RolloutWorker, "rollout", cfg.rollout.num_workers,
-                                   args=(model_path, cfg.rollout, cfg.model.dtype, cfg.seed),
-                                   resources=WorkerResources(cfg.rollout.cpus_per_worker,
-                                                             cfg.rollout.gpus_per_worker),
-                                   timeout_s=cfg.ray.call_timeout_s)
-            reward = (WorkerGroup(RewardServer, "reward", cfg.reward.num_replicas, args=(cfg.reward,),
-                                  resources=WorkerResources(num_cpus=0), timeout_s=cfg.ray.call_timeout_s)
-                      if scoring else None)
+            rollouts = online.start_rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed,
+                                             cfg.ray.call_timeout_s)
+            reward = online.start_reward(cfg.reward, cfg.ray.call_timeout_s) if scoring else None
         try:
             # 3-4. generate, score as each worker finishes
             with log.phase("generate"):
@@ -72,7 +63,7 @@ def run(cfg: GenerateConfig) -> dict:
     lengths = [len(e.response_ids) for e in episodes]
     metrics = {"rollout/episodes": len(episodes), "rollout/response_len_mean": sum(lengths) / len(lengths),
                "rollout/truncated_frac": sum(e.finish_reason == "length" for e in episodes) / len(episodes),
-               "data/prompts_dropped": stats.dropped, "perf/gen_s": log.phases["generate"],
+               "data/prompts": len(prompts), "perf/gen_s": log.phases["generate"],
                "perf/tokens_per_s": sum(lengths) / max(log.phases["generate"], 1e-9)}
     if scoring:
         scores = [e.score for e in episodes]

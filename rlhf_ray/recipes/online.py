@@ -30,15 +30,34 @@ class Prompt:
     prompt_ids: list[int]
     answer: str | None
     index: int
-    text: str = ""
+    text: str = ""  # the rendered prompt (template applied)
+    raw: object = ""  # the row's prompt before the template (a string or messages)
 
 
 def load_prompts(data: DataConfig, tokenizer, max_model_len: int, split: str) -> list[Prompt]:
     rows = load_rows(data, split, tokenizer).rows
+    if not rows:
+        raise ValueError(f"data.source {data.source!r}: the {split} split is empty (data.num_rows="
+                         f"{data.num_rows}, data.heldout_fraction={data.heldout_fraction})")
+    by_row = {r.row: r for r in rows}
     examples, _ = tokenize_prompts(rows, tokenizer, max_model_len - 1, data.truncation, data.template)
     if not examples:
         raise ValueError(f"data.source {data.source!r}: no {split} prompts fit rollout.max_model_len={max_model_len}")
-    return [Prompt(e.prompt_ids, e.answer, i, e.text) for i, e in enumerate(examples)]
+    return [Prompt(e.prompt_ids, e.answer, i, e.text, raw_prompt(by_row[e.row]))
+            for i, e in enumerate(examples)]
+
+
+def raw_prompt(row) -> object:
+    """The user-facing prompt of a row (what ``rm`` / ``dpo`` re-render with their template)."""
+    from rlhf_ray.data.templates import prompt_messages
+
+    if hasattr(row, "prompt"):
+        prompt = row.prompt
+        return prompt if isinstance(prompt, str) else [m.to_dict() for m in prompt]
+    messages = prompt_messages(row)
+    if len(messages) == 1 and messages[0].role == "user":
+        return messages[0].content
+    return [m.to_dict() for m in messages]
 
 
 def prompts_for_step(prompts: list[Prompt], step: int, per_step: int) -> list[Prompt]:

@@ -131,13 +131,13 @@ def run(cfg: PPOConfig) -> dict:
                 log.log(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens), version)
             # 4. outputs
             _save(cfg, run_dir, learners, version, kl_ctl)
-            policy_dir = learners.call("export_hf", str(run_dir / "policy"))[0]
+            model_dir = learners.call("export_hf", str(run_dir / "model"))[0]
         finally:
             for group in reversed(groups):
                 group.shutdown()
     plot = plot_metrics(log.history, ["reward/mean", "kl/mean", "eval/score"], run_dir / "ppo.png", "PPO")
     (run_dir / "history.jsonl").write_text("".join(_json(h) + "\n" for h in history))
-    return log.finish({"policy": policy_dir, "plot": str(plot), "history": str(run_dir / "history.jsonl")},
+    return log.finish({"model": model_dir, "plot": str(plot), "history": str(run_dir / "history.jsonl")},
                       {"advantage": cfg.advantage, "max_staleness": cfg.max_staleness, "final_version": version})
 
 

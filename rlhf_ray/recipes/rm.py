@@ -81,10 +81,8 @@ def run(cfg: RMConfig) -> dict:
             model_dir = common.export(learners, cfg.run_dir)
             _store_stats(model_dir, mean, std)
 
-    summary = log.finish(common.outputs(cfg.run_dir, model_dir),
-                         {"steps": total, "start_step": start, "reward_mean": mean,
-                          "reward_std": std,
-                          "resumed_from": str(resume_from) if resume_from else None})
+    summary = common.finish(cfg, log, model_dir, ["rm/loss", "rm/accuracy", "eval/accuracy"],
+                            start, total, resume_from, {"reward_mean": mean, "reward_std": std})
     acc = summary["metrics"].get("eval/accuracy")
     before_after = f"held-out accuracy {acc['first']:.3f} -> {acc['final']:.3f}; " if acc else ""
     print(f"rm: {before_after}reward mean {mean:.3f} std {std:.3f}; model -> {model_dir}")

@@ -68,9 +68,8 @@ def run(cfg: SFTConfig) -> dict:
         with log.phase("export"):
             model_dir = common.export(learners, cfg.run_dir)
 
-    summary = log.finish(common.outputs(cfg.run_dir, model_dir),
-                         {"steps": total, "start_step": start,
-                          "resumed_from": str(resume_from) if resume_from else None})
+    summary = common.finish(cfg, log, model_dir, ["policy/loss", "eval/loss", "policy/lr"],
+                            start, total, resume_from)
     _report(summary)
     return summary
 

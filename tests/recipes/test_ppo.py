@@ -39,7 +39,7 @@ def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_pat
     assert Path(summary["outputs"]["plot"]).stat().st_size > 1000
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(summary["outputs"]["policy"])  # the exported policy loads
+    AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])  # the exported policy loads
 
 
 def test_rloo_with_staleness_one_runs_ahead_but_within_bound(ray_local, tmp_path):

@@ -65,6 +65,7 @@ def test_sft_two_steps_outputs_load_in_transformers_and_vllm(recipe, tiny_cfg, t
     assert summary["outputs"]["checkpoint"].endswith("step_00000002")
     assert list((run / "wandb").glob("offline-run-*"))
     assert {"start", "eval", "train", "checkpoint", "export"} <= set(summary["phases_s"])
+    assert Path(summary["outputs"]["plot"]).stat().st_size > 1000  # learning curves
 
     # the exported folder loads in transformers ...
     from transformers import AutoModelForCausalLM, AutoTokenizer

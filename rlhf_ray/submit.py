@@ -1,0 +1,46 @@
+"""`rlhf-ray submit`: run a recipe as a Ray job on a running cluster.
+
+    rlhf-ray submit --address http://HEAD:8265 ppo launch/configs/ppo_smollm2.yaml steps=50
+
+The entrypoint is this project's CLI under the cluster's Python (``--python``, default: the
+one running this command), with ``ray.address=auto`` so the recipe joins the cluster.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from rlhf_ray.runtime import worker_env
+
+
+def submit(address: str, recipe: str, items: list[str], python: str | None = None,
+           working_dir: str | None = None, wait: bool = False, timeout_s: float = 3600) -> tuple[str, str]:
+    """Submit and return (job id, final status or 'SUBMITTED')."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    if items and "=" not in items[0]:  # the config file, wherever the job's driver starts
+        items = [str(Path(items[0]).resolve()), *items[1:]]
+    entrypoint = " ".join([shlex.quote(python or sys.executable), "-m", "rlhf_ray.cli", recipe,
+                           *map(shlex.quote, items), "ray.address=auto"])
+    runtime_env: dict = {"env_vars": worker_env()}
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    if not wait:
+        return job_id, "SUBMITTED"
+    deadline = time.time() + timeout_s
+    status = client.get_job_status(job_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(1.0)
+        status = client.get_job_status(job_id)
+    return job_id, str(status.value if hasattr(status, "value") else status)
+
+
+def job_logs(address: str, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address).get_job_logs(job_id)
