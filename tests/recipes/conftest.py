@@ -29,8 +29,8 @@ def run_recipe(recipe: str, run_dir: Path, *overrides: str) -> dict:
 
 
 @pytest.fixture
-def recipe(ray_local):
-    """``recipe(name, run_dir, *overrides) -> summary`` on the session's local Ray."""
+def tiny_run(ray_local):
+    """``tiny_run(name, run_dir, *overrides) -> summary`` on the session's local Ray."""
     return run_recipe
 
 

@@ -12,8 +12,8 @@ from rlhf_ray.assets import AssetError
 from rlhf_ray.config import ConfigError
 
 
-def test_dpo_two_steps_with_reference_server(recipe, tiny_llama, tmp_path):
-    summary = recipe("dpo", tmp_path / "run")
+def test_dpo_two_steps_with_reference_server(tiny_run, tiny_llama, tmp_path):
+    summary = tiny_run("dpo", tmp_path / "run")
     m = summary["metrics"]
     # The first step's loss is computed before any update, with policy == reference: the
     # ReferenceServer's log-probs equal the learner's, so the DPO loss is exactly ln 2.

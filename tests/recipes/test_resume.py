@@ -17,7 +17,8 @@ def weights(summary: dict) -> dict[str, torch.Tensor]:
     return load_file(f"{summary['outputs']['model']}/model.safetensors")
 
 
-def test_interrupted_sft_resumes_at_the_next_step_and_matches(recipe, tmp_path, monkeypatch):
+def test_interrupted_sft_resumes_at_the_next_step_and_matches(tiny_run, tmp_path,
+                                                              monkeypatch):
     from rlhf_ray.recipes import common
 
     run = tmp_path / "interrupted"
@@ -34,14 +35,14 @@ def test_interrupted_sft_resumes_at_the_next_step_and_matches(recipe, tmp_path, 
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        recipe("sft", run, *args)
+        tiny_run("sft", run, *args)
     monkeypatch.undo()
     # ... and a save of step 3 that died before writing its state.json
     checkpoint.step_dir(run, 3).mkdir()
     assert checkpoint.latest(run).name == "step_00000002"
 
-    resumed = recipe("sft", run, *args, "resume=auto")
-    straight = recipe("sft", tmp_path / "straight", *args)
+    resumed = tiny_run("sft", run, *args, "resume=auto")
+    straight = tiny_run("sft", tmp_path / "straight", *args)
     assert resumed["start_step"] == 2 and resumed["steps"] == 4
     assert resumed["resumed_from"].endswith("step_00000002")
     # the logged history of the first half is kept ("first" = before the interruption)
@@ -56,9 +57,9 @@ def test_interrupted_sft_resumes_at_the_next_step_and_matches(recipe, tmp_path, 
             straight["metrics"][key]["final"], rel=1e-5), key
 
 
-def test_resumed_dpo_continues_from_k_plus_one(recipe, tmp_path):
-    first = recipe("dpo", tmp_path, "max_steps=1")
-    resumed = recipe("dpo", tmp_path, "max_steps=3", "resume=auto")
+def test_resumed_dpo_continues_from_k_plus_one(tiny_run, tmp_path):
+    first = tiny_run("dpo", tmp_path, "max_steps=1")
+    resumed = tiny_run("dpo", tmp_path, "max_steps=3", "resume=auto")
     assert (first["start_step"], resumed["start_step"], resumed["steps"]) == (0, 1, 3)
     assert resumed["metrics"]["dpo/loss"]["first"] == first["metrics"]["dpo/loss"]["first"]
     # steps 2 and 3 trained against the reference, starting from the step-1 weights

@@ -23,9 +23,9 @@ def episode(prompt: str, response: str) -> Episode:
                    logprobs=[], finish_reason="stop", policy_version=0)
 
 
-def test_rm_two_steps_then_reward_server_normalises_with_its_stats(recipe, tiny_cfg, tiny_llama,
-                                                                   tmp_path):
-    summary = recipe("rm", tmp_path / "run")
+def test_rm_two_steps_then_reward_server_normalises_with_its_stats(tiny_run, tiny_cfg,
+                                                                   tiny_llama, tmp_path):
+    summary = tiny_run("rm", tmp_path / "run")
     m = summary["metrics"]
     for key in ("rm/loss", "rm/accuracy", "rm/margin", "eval/loss", "eval/accuracy"):
         assert math.isfinite(m[key]["first"]) and math.isfinite(m[key]["final"]), key

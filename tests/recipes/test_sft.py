@@ -45,9 +45,10 @@ def changed_tensors(before: str, after: str) -> tuple[int, int]:
     return sum(not torch.equal(a[k], b[k]) for k in shared), len(shared)
 
 
-def test_sft_two_steps_outputs_load_in_transformers_and_vllm(recipe, tiny_cfg, tiny_llama, tmp_path):
+def test_sft_two_steps_outputs_load_in_transformers_and_vllm(tiny_run, tiny_cfg, tiny_llama,
+                                                             tmp_path):
     run = tmp_path / "run"
-    summary = recipe("sft", run, "logging.wandb_mode=offline")
+    summary = tiny_run("sft", run, "logging.wandb_mode=offline")
     m = summary["metrics"]
 
     # loss finite, both held-out evaluations logged, parameters changed
@@ -88,8 +89,8 @@ def test_sft_two_steps_outputs_load_in_transformers_and_vllm(recipe, tiny_cfg, t
     assert tokens == hf
 
 
-def test_sft_packing_with_chat_template(recipe, tmp_path):
-    summary = recipe("sft", tmp_path, "data.packing=true", "data.template=chat", "max_steps=1",
+def test_sft_packing_with_chat_template(tiny_run, tmp_path):
+    summary = tiny_run("sft", tmp_path, "data.packing=true", "data.template=chat", "max_steps=1",
                      "checkpoint.save_every=0")
     m = summary["metrics"]
     assert summary["steps"] == 1 and math.isfinite(m["policy/loss"]["final"])
