@@ -10,7 +10,7 @@ setup:
 	bash launch/setup.sh
 
 demo: setup
-	.venv/bin/rlhf-ray generate launch/configs/quickstart.yaml run_dir=$(RUN_DIR)
+	.venv/bin/rlhf-ray pipeline launch/configs/quickstart.yaml run_dir=$(RUN_DIR)
 
 test:
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

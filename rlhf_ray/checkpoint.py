@@ -130,8 +130,9 @@ def check_run_dir(cfg: Any) -> Path | None:
     if found is None:
         return None
     if cfg.resume == "never":
-        raise ConfigError(f"run_dir {cfg.run_dir} already holds checkpoints (newest: {found.name}); "
-                          "pass resume=auto to continue that run, or choose a new run_dir")
+        raise ConfigError(f"run_dir {cfg.run_dir} already holds checkpoints (newest: "
+                          f"{found.name}); pass resume=auto to continue that run, or choose a "
+                          "new run_dir")
     saved = Path(cfg.run_dir) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"resume=auto: {saved} is missing, so the checkpoints in "

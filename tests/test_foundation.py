@@ -97,7 +97,7 @@ def test_override_of_value_as_section_is_an_error():
 def test_launch_configs_all_resolve():
     for path in sorted((ROOT / "launch" / "configs").glob("*.yaml")):
         recipe = path.stem.split("_")[0]
-        recipe = "generate" if recipe == "quickstart" else recipe
+        recipe = "pipeline" if recipe == "quickstart" else recipe
         if recipe not in RECIPES:
             continue
         build_config(RECIPES[recipe], path, [])

@@ -122,7 +122,9 @@ def reward_pairs(data, tokenizer, split: str) -> tuple[list[Pair], TokenizeStats
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def pair_batch(pairs: list[Pair], pad: int) -> PreferenceBatch:

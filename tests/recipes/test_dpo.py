@@ -30,7 +30,8 @@ def test_dpo_two_steps_with_reference_server(tiny_run, tiny_llama, tmp_path):
 
     model_dir = summary["outputs"]["model"]
     AutoModelForCausalLM.from_pretrained(model_dir)
-    before, after = load_file(f"{tiny_llama}/model.safetensors"), load_file(f"{model_dir}/model.safetensors")
+    before = load_file(f"{tiny_llama}/model.safetensors")
+    after = load_file(f"{model_dir}/model.safetensors")
     assert all(not torch.equal(before[k], after[k]) for k in after)
 
 

@@ -58,7 +58,8 @@ def test_reward_model_reaches_90_percent_heldout_accuracy(smollm2, tmp_path):
 
 def test_dpo_beats_its_sft_starting_point(smollm2, tmp_path):
     sft = launch("sft", "sft_smollm2.yaml", tmp_path / "sft")
-    m = launch("dpo", "dpo_smollm2.yaml", tmp_path / "dpo", f"model.path={sft['outputs']['model']}")["metrics"]
+    dpo = launch("dpo", "dpo_smollm2.yaml", tmp_path / "dpo", f"model.path={sft['outputs']['model']}")
+    m = dpo["metrics"]
     # implicit-reward accuracy and margin on held-out pairs (0 at the start: policy = reference)
     assert m["eval/accuracy"]["final"] > max(0.5, m["eval/accuracy"]["first"])
     assert m["eval/margin"]["final"] > m["eval/margin"]["first"]

@@ -48,7 +48,8 @@ def test_interrupted_sft_resumes_at_the_next_step_and_matches(tiny_run, tmp_path
     # the logged history of the first half is kept ("first" = before the interruption)
     for key in ("eval/loss", "policy/loss", "policy/lr"):
         assert resumed["metrics"][key]["first"] == straight["metrics"][key]["first"], key
-    assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step_00000003", "step_00000004"]
+    kept = [p.name for p in checkpoint.complete_checkpoints(run)]
+    assert kept == ["step_00000003", "step_00000004"]
     # same optimizer state, LR schedule and data order: the same final weights
     a, b = weights(resumed), weights(straight)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

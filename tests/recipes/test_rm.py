@@ -37,7 +37,8 @@ def test_rm_two_steps_then_reward_server_normalises_with_its_stats(tiny_run, tin
     assert config["architectures"] == ["LlamaForSequenceClassification"]
     assert config["reward_mean"] == summary["reward_mean"]
     assert config["reward_std"] == summary["reward_std"] > 0
-    before, after = load_file(Path(tiny_llama) / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    before = load_file(Path(tiny_llama) / "model.safetensors")
+    after = load_file(model_dir / "model.safetensors")
     assert all(not torch.equal(before[k], after[k]) for k in after if k in before)
 
     # The RewardServer scores prompt_text + response_text. Over the training responses its

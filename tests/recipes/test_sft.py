@@ -60,9 +60,11 @@ def test_sft_two_steps_outputs_load_in_transformers_and_vllm(tiny_run, tiny_cfg,
     assert changed == total, f"only {changed} of {total} tensors changed"
 
     # the run folder: resolved config, summary, checkpoints, W&B offline run, phases
-    assert yaml.safe_load((run / "config.yaml").read_text()) == to_dict(tiny_cfg("sft", run, "logging.wandb_mode=offline"))
+    resolved = to_dict(tiny_cfg("sft", run, "logging.wandb_mode=offline"))
+    assert yaml.safe_load((run / "config.yaml").read_text()) == resolved
     assert json.loads((run / "summary.json").read_text())["metrics"] == m
-    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_00000001", "step_00000002"]
+    kept = [p.name for p in sorted((run / "checkpoints").iterdir())]
+    assert kept == ["step_00000001", "step_00000002"]
     assert summary["outputs"]["checkpoint"].endswith("step_00000002")
     assert list((run / "wandb").glob("offline-run-*"))
     assert {"start", "eval", "train", "checkpoint", "export"} <= set(summary["phases_s"])
