@@ -87,6 +87,7 @@ class LearnerConfig:
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     cpus_per_worker: float = option(1.0, "Ray CPUs reserved per learner.")
     gpus_per_worker: float = option(0.0, "Ray GPUs reserved per learner (0 on CPU machines).")
+    placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the learners: pack (same node first) or spread.")
     backend: Literal["auto", "gloo", "nccl"] = option("auto", "torch.distributed backend: auto picks nccl on GPU, gloo on CPU.")
 
     def validate(self) -> None:
@@ -123,6 +124,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = option(0.5, "Fraction of GPU memory vLLM may take (GPU).")
     cpus_per_worker: float = option(0.5, "Ray CPUs reserved per rollout worker.")
     gpus_per_worker: float = option(0.0, "Ray GPUs reserved per rollout worker.")
+    placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the rollout workers: pack or spread.")
 
 
 @dataclass

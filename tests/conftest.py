@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import time
 
 import pytest
@@ -30,6 +31,8 @@ TEST_ENV = {
 }
 for _k, _v in TEST_ENV.items():
     os.environ.setdefault(_k, _v)
+HELPERS = os.path.join(os.path.dirname(__file__), "helpers")  # test-only modules, also for workers
+sys.path.insert(0, HELPERS)
 
 SHM_PATTERNS = ("/dev/shm/psm_*", "/dev/shm/deepspeed_allreduce_buffer_*", "/dev/shm/plasma*",
                 "/dev/shm/rlhf_ray_*")
@@ -78,8 +81,7 @@ def ray_local():
     """One private local Ray for the whole session; workers use fractional CPUs."""
     import ray
 
-    helpers = os.path.join(os.path.dirname(__file__), "helpers")
-    env = dict(TEST_ENV, PYTHONPATH=os.pathsep.join(filter(None, [helpers, os.environ.get("PYTHONPATH")])))
+    env = dict(TEST_ENV, PYTHONPATH=os.pathsep.join(filter(None, [HELPERS, os.environ.get("PYTHONPATH")])))
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False,
                  object_store_memory=512 << 20, log_to_driver=True,

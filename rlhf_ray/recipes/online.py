@@ -69,7 +69,8 @@ def prompts_for_step(prompts: list[Prompt], step: int, per_step: int) -> list[Pr
 def start_rollouts(model: str, rollout: RolloutConfig, dtype: str, seed: int, timeout_s: float) -> WorkerGroup:
     return WorkerGroup(RolloutWorker, "rollout", rollout.num_workers,
                        args=(model, rollout, dtype, seed),
-                       resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker),
+                       resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
+                                                 placement=rollout.placement),
                        timeout_s=timeout_s)
 
 
@@ -90,7 +91,8 @@ def start_learners(model: str, learner: LearnerConfig, optim: OptimConfig, dtype
                         args=(model, learner, optim, dtype),
                         kwargs=dict(with_value=with_value, total_steps=total_steps, seed=seed,
                                     value_model_path=value_model, value_optim=value_optim),
-                        resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker),
+                        resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
+                                                  placement=learner.placement),
                         timeout_s=timeout_s)
     group.call("init")
     return group

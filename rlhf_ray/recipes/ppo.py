@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -190,6 +191,13 @@ def _save(cfg: PPOConfig, run_dir: Path, learners, version: int, kl_ctl) -> None
     state = {"version": version, "kl_coef": kl_ctl.value}
     learners.call("save_checkpoint", str(run_dir / "checkpoints"), f"step{version}", state)
     (run_dir / "checkpoints" / "latest").write_text(f"step{version}")
+    # keep the newest checkpoint.keep_last tags of every engine (policy/, value/)
+    for engine_dir in (run_dir / "checkpoints").iterdir():
+        if engine_dir.is_dir():
+            tags = sorted((p for p in engine_dir.glob("step*") if p.is_dir()),
+                          key=lambda p: int(p.name.removeprefix("step")))
+            for old in tags[: max(len(tags) - cfg.checkpoint.keep_last, 0)]:
+                shutil.rmtree(old)
 
 
 def _resume(cfg: PPOConfig, run_dir: Path, learners, sync: WeightSync, kl_ctl) -> int:
@@ -199,8 +207,7 @@ def _resume(cfg: PPOConfig, run_dir: Path, learners, sync: WeightSync, kl_ctl) -
         return 0
     state = learners.call("load_checkpoint", str(run_dir / "checkpoints"), latest.read_text().strip())[0]
     version = int(state["version"])
-    if hasattr(kl_ctl, "value"):
-        kl_ctl.value = float(state.get("kl_coef", kl_ctl.value))
+    kl_ctl.value = float(state.get("kl_coef", kl_ctl.value))
     sync.sync(version)
     print(f"ppo: resumed from {latest.read_text().strip()} (policy version {version})")
     return version

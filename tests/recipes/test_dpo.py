@@ -35,6 +35,14 @@ def test_dpo_two_steps_with_reference_server(tiny_run, tiny_llama, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in after)
 
 
+def test_ipo_step_uses_its_own_loss(tiny_run, tmp_path):
+    """IPO's loss (h - 1/(2 beta))^2 is 1/(4 beta^2) = 25 at the start (h = 0, beta = 0.1)."""
+    m = tiny_run("dpo", tmp_path, "loss_type=ipo", "max_steps=1", "data.heldout_fraction=0",
+                 "checkpoint.save_every=0")["metrics"]
+    assert m["dpo/loss"]["first"] == pytest.approx(25.0, rel=1e-4)
+    assert "eval/loss" not in m  # no held-out rows: no evaluation
+
+
 def test_ipo_and_conservative_dpo_settings(tiny_cfg, tmp_path):
     cfg = tiny_cfg("dpo", tmp_path, "loss_type=ipo", "beta=0.5")
     assert cfg.loss_type == "ipo" and cfg.data.format == "preference"

@@ -4,6 +4,7 @@ counter and data position) and ends with the weights of an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -58,11 +59,13 @@ def test_interrupted_sft_resumes_at_the_next_step_and_matches(tiny_run, tmp_path
             straight["metrics"][key]["final"], rel=1e-5), key
 
 
-def test_resumed_dpo_continues_from_k_plus_one(tiny_run, tmp_path):
-    first = tiny_run("dpo", tmp_path, "max_steps=1")
-    resumed = tiny_run("dpo", tmp_path, "max_steps=3", "resume=auto")
+def test_resumed_two_rank_dpo_continues_from_k_plus_one(tiny_run, tmp_path):
+    """Two data-parallel learner ranks; the resumed run trains steps 2 and 3 only."""
+    first = tiny_run("dpo", tmp_path, "max_steps=1", "learner.num_workers=2")
+    resumed = tiny_run("dpo", tmp_path, "max_steps=3", "resume=auto", "learner.num_workers=2")
     assert (first["start_step"], resumed["start_step"], resumed["steps"]) == (0, 1, 3)
     assert resumed["metrics"]["dpo/loss"]["first"] == first["metrics"]["dpo/loss"]["first"]
+    assert first["metrics"]["dpo/loss"]["first"] == pytest.approx(math.log(2), abs=1e-4)
     # steps 2 and 3 trained against the reference, starting from the step-1 weights
     assert resumed["metrics"]["dpo/margin"]["final"] != 0.0
     state = json.loads((checkpoint.latest(tmp_path) / checkpoint.STATE_FILE).read_text())
