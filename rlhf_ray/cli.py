@@ -7,6 +7,7 @@
     rlhf-ray doctor [--json]                     a self-check of every role on the tiny model
     rlhf-ray <recipe> [CONFIG.yaml] [k=v]        sft rm dpo prefs rs ppo pipeline generate
     rlhf-ray submit --address URL RECIPE ...     the same, as a job on a Ray cluster
+    rlhf-ray scale --run NAME --rollout N        resize a running job's rollout workers
 """
 
 from __future__ import annotations
@@ -122,6 +123,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status in ("SUBMITTED", "SUCCEEDED") else 1
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    import ray
+
+    from rlhf_ray.scaling import set_rollout_workers
+
+    ray.init(address=args.address, log_to_driver=False)
+    try:
+        n = set_rollout_workers(args.run, args.rollout)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    print(f"run {args.run}: rollout workers -> {n} (applied between steps)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description="Distributed RLHF on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -158,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value]")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("scale", help="resize a running job's rollout workers")
+    p.add_argument("--address", default="auto", help="the job's Ray cluster (GCS address or 'auto')")
+    p.add_argument("--run", required=True, help="the run's name: the last part of its run_dir")
+    p.add_argument("--rollout", type=int, required=True, help="wanted number of rollout workers")
+    p.set_defaults(func=cmd_scale)
 
     helps = {
         "generate": "sample responses from a model with vLLM rollout workers",

@@ -61,9 +61,18 @@ class EpisodeStream:
                                           [p.answer for p in part]))
         self._dispatch()
 
+    def grow(self) -> None:
+        """The rollout group was scaled out: new workers start idle and take queued chunks."""
+        self.load += [0] * (len(self.rollouts) - len(self.load))
+        self._dispatch()
+
+    def shrink(self, n: int) -> None:
+        """The last ``n`` (idle) workers were removed."""
+        if any(self.load[-n:]):
+            raise RuntimeError("cannot drop rollout workers that still have chunks in flight")
+        del self.load[-n:]
+
     def _dispatch(self) -> None:
-        if len(self.load) < len(self.rollouts):  # the group was scaled out
-            self.load += [0] * (len(self.rollouts) - len(self.load))
         while self.queue:
             rank = min(range(len(self.rollouts)), key=lambda r: self.load[r])
             if self.load[rank] >= self.max_inflight:

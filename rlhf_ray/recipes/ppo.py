@@ -24,6 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
+import ray
 import torch
 from tqdm import tqdm
 
@@ -36,6 +37,7 @@ from rlhf_ray.data import load_tokenizer
 from rlhf_ray.experience import critic_free_advantages, episodes_to_batch, gae_advantages
 from rlhf_ray.metrics import RunLogger
 from rlhf_ray.plots import plot_metrics
+from rlhf_ray import scaling
 from rlhf_ray.recipes import online
 from rlhf_ray.runtime import ray_session, worker_env
 from rlhf_ray.stream import EpisodeStream
@@ -78,8 +80,9 @@ def run(cfg: PPOConfig) -> dict:
             with log.phase("eval"):
                 log.log(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens), version)
 
-            # 2. queue the first steps
+            # 2. queue the first steps; `rlhf-ray scale` may resize the rollout group later
             stream = EpisodeStream(rollouts, reward, reference, cfg.sampling)
+            control = scaling.open_control(run_dir.name, cfg.rollout.num_workers)
             for ahead in range(version, min(cfg.steps, version + cfg.max_staleness + 1)):
                 stream.submit(online.prompts_for_step(train_prompts, ahead, cfg.prompts_per_step), cfg.chunk_size)
 
@@ -113,11 +116,12 @@ def run(cfg: PPOConfig) -> dict:
                 if step + cfg.max_staleness + 1 < cfg.steps:
                     stream.submit(online.prompts_for_step(train_prompts, step + cfg.max_staleness + 1,
                                                           cfg.prompts_per_step), cfg.chunk_size)
+                scale_m = scaling.apply(control, rollouts, stream, sync, version)
                 # g. log, evaluate, checkpoint
                 kl_ctl.update(adv_metrics.get("kl/mean", 0.0), len(fresh))
                 step_s = time.perf_counter() - t_step
                 tokens = sum(len(e.response_ids) for e in episodes)
-                metrics = {**rollout_m, **adv_metrics, **train_metrics,
+                metrics = {**rollout_m, **adv_metrics, **train_metrics, **scale_m,
                            **sync_metrics, "rollout/dropped_stale": float(dropped), "kl/coef": kl_ctl.value,
                            "perf/gen_s": gen_s, "perf/score_s": stream.pop_score_latency(),
                            "perf/train_s": train_s, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
@@ -134,6 +138,8 @@ def run(cfg: PPOConfig) -> dict:
             _save(cfg, run_dir, learners, version, kl_ctl)
             model_dir = learners.call("export_hf", str(run_dir / "model"))[0]
         finally:
+            if "control" in locals():
+                ray.kill(control)
             for group in reversed(groups):
                 group.shutdown()
     plot = plot_metrics(log.history, ["reward/mean", "kl/mean", "eval/score"], run_dir / "ppo.png", "PPO")

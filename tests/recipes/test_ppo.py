@@ -85,3 +85,41 @@ def test_reinforce_pp_and_bad_settings(ray_local, tmp_path):
         build_config(PPOConfig, TINY, ["advantage=grpo", "sampling.n=1"])
     with pytest.raises(ConfigError, match="max_staleness"):
         build_config(PPOConfig, TINY, ["max_staleness=-1"])
+
+
+def test_rollout_workers_scale_while_the_job_runs(ray_local, tmp_path):
+    """`rlhf-ray scale` (another process) asks a running job for 2 rollout workers."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from rlhf_ray.scaling import NAMESPACE, control_name
+
+    run_dir = tmp_path / "scaled"
+    address = ray_local.get_runtime_context().gcs_address
+    done: dict = {}
+    thread = threading.Thread(target=lambda: done.update(result=run_ppo(run_dir, "steps=4")))
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the job's control actor exists
+        try:
+            ray_local.get_actor(control_name("scaled"), namespace=NAMESPACE)
+            break
+        except ValueError:
+            time.sleep(1)
+    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "scale", "--address", address,
+                          "--run", "scaled", "--rollout", "2"], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ))
+    thread.join(timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _, history = done["result"]
+    workers = [h["rollout/num_workers"] for h in history]
+    assert workers[0] in (1.0, 2.0) and workers[-1] == 2.0, workers
+    for h in history:  # new workers got the current weights: still strictly on-policy
+        assert h["versions_trained"] == [h["trained_at_version"]]
+    bad = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "scale", "--address", address,
+                          "--run", "no-such-run", "--rollout", "2"], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ))
+    assert bad.returncode == 1 and "no running job named 'no-such-run'" in bad.stderr
