@@ -28,6 +28,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from rlhf_ray import scaling
 from rlhf_ray.advantages import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.config import save_config, to_dict
@@ -37,7 +38,6 @@ from rlhf_ray.data import load_tokenizer
 from rlhf_ray.experience import critic_free_advantages, episodes_to_batch, gae_advantages
 from rlhf_ray.metrics import RunLogger
 from rlhf_ray.plots import plot_metrics
-from rlhf_ray import scaling
 from rlhf_ray.recipes import online
 from rlhf_ray.runtime import ray_session, worker_env
 from rlhf_ray.stream import EpisodeStream
