@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    # SIGTERM (a job stop, a scheduler) unwinds like Ctrl-C: every recipe's `finally` shuts its
+    # workers and its private Ray down, so no vLLM/DeepSpeed shm files or Ray daemons are left.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -83,7 +83,9 @@ class RunLogger:
 
     def finish(self, outputs: dict[str, str], extra: dict | None = None) -> dict:
         """Write ``summary.json`` and close W&B; returns the summary."""
-        summary = self.summary(outputs, extra)
+        metrics_file = self.run_dir / "metrics.jsonl"  # every logged step, for plots and notes
+        metrics_file.write_text("".join(json.dumps({"step": step, **m}) + "\n" for step, m in self.history))
+        summary = self.summary({**outputs, "metrics": str(metrics_file)}, extra)
         if self.wandb is not None:
             summary["wandb_dir"] = str(Path(self.wandb.dir).parent)
             self.wandb.finish()
