@@ -47,7 +47,7 @@ class JobState:
     data_fingerprint: str  # hash of the training examples, to catch changed data
     first: dict[str, float] = dataclasses.field(default_factory=dict)  # first logged values
     final: dict[str, float] = dataclasses.field(default_factory=dict)  # latest logged values
-    outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)  # [(step, metrics)] logged so far
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:

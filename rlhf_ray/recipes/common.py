@@ -118,11 +118,12 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
 # --------------------------------------------------------------------------- the run folder
 
 
-def open_run(cfg: Any, recipe: str, data_fingerprint: str) -> tuple[RunLogger, Path | None]:
+def open_run(cfg: Any, recipe: str, data_fingerprint: str,
+             data_metrics: dict[str, float]) -> tuple[RunLogger, Path | None]:
     """Check ``resume`` against the run folder, write the resolved config, start the logger.
 
-    Returns the logger and the checkpoint to resume from (None: start at step 0); the
-    logger's first/final values are restored from that checkpoint.
+    Returns the logger and the checkpoint to resume from (None: start at step 0). A fresh
+    run logs ``data_metrics`` at step 0; a resumed one gets the logged history back.
     """
     resume_from = checkpoint.check_run_dir(cfg)
     state = checkpoint.read_state(resume_from) if resume_from else None
@@ -131,9 +132,12 @@ def open_run(cfg: Any, recipe: str, data_fingerprint: str) -> tuple[RunLogger, P
                           f"trained on (data.source={cfg.data.source}); use a new run_dir")
     save_config(cfg, cfg.run_dir)
     log = RunLogger(cfg.run_dir, cfg.logging, to_dict(cfg), recipe)
-    if state is not None:
+    if state is not None:  # the first half's logged history, for summary.json and plots
         log.first.update(state.first)
         log.final.update(state.final)
+        log.history.extend((step, m) for step, m in state.history if step <= state.step)
+    else:
+        log.log(data_metrics, step=0)
     return log, resume_from
 
 
@@ -142,7 +146,7 @@ def save_checkpoint(cfg: Any, group: Any, log: RunLogger, step: int, per_epoch: 
     """Learner states plus the driver's job state after ``step`` optimizer steps."""
     state = checkpoint.JobState(step=step, epoch=step // per_epoch,
                                 data_fingerprint=data_fingerprint, first=dict(log.first),
-                                final=dict(log.final))
+                                final=dict(log.final), history=list(log.history))
     with log.phase("checkpoint"):
         return checkpoint.save(group, cfg.run_dir, state, cfg.checkpoint.keep_last)
 

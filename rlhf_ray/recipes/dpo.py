@@ -60,9 +60,9 @@ def run(cfg: DPOConfig) -> dict:
         return common.preference_batch([train[i] for i in rows], pad)
 
     # 2. run folder
-    log, resume_from = common.open_run(cfg, "dpo", data_id)
-    log.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
-             "data/dropped": stats.dropped, "data/truncated": stats.truncated}, step=0)
+    log, resume_from = common.open_run(cfg, "dpo", data_id, {
+        "data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
+        "data/dropped": stats.dropped, "data/truncated": stats.truncated})
 
     # 3. learners (restored with resume=auto) and the frozen reference
     with ray_session(cfg.ray, worker_env()), common.learner_group(

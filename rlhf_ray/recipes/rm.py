@@ -47,9 +47,9 @@ def run(cfg: RMConfig) -> dict:
     eval_batch = pair_batch(heldout, pad) if heldout else None
 
     # 2. run folder
-    log, resume_from = common.open_run(cfg, "rm", data_id)
-    log.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
-             "data/dropped": stats.dropped, "data/truncated": stats.truncated}, step=0)
+    log, resume_from = common.open_run(cfg, "rm", data_id, {
+        "data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
+        "data/dropped": stats.dropped, "data/truncated": stats.truncated})
 
     # 3. learners (restored from the last checkpoint with resume=auto)
     with ray_session(cfg.ray, worker_env()), common.learner_group(

@@ -36,9 +36,9 @@ def run(cfg: SFTConfig) -> dict:
     eval_batch = common.sequence_batch(heldout, pad) if heldout else None
 
     # 2. run folder
-    log, resume_from = common.open_run(cfg, "sft", data_id)
-    log.log({"data/train_examples": len(train), "data/heldout_examples": len(heldout),
-             "data/dropped": stats.dropped, "data/truncated": stats.truncated}, step=0)
+    log, resume_from = common.open_run(cfg, "sft", data_id, {
+        "data/train_examples": len(train), "data/heldout_examples": len(heldout),
+        "data/dropped": stats.dropped, "data/truncated": stats.truncated})
 
     # 3. learners (restored from the last checkpoint with resume=auto)
     with ray_session(cfg.ray, worker_env()), common.learner_group(

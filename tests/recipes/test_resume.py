@@ -14,6 +14,11 @@ from rlhf_ray import checkpoint
 from rlhf_ray.config import ConfigError, save_config
 
 
+def jsonl(summary: dict) -> list[dict]:
+    with open(summary["outputs"]["metrics"]) as f:
+        return [json.loads(line) for line in f]
+
+
 def weights(summary: dict) -> dict[str, torch.Tensor]:
     return load_file(f"{summary['outputs']['model']}/model.safetensors")
 
@@ -49,6 +54,11 @@ def test_interrupted_sft_resumes_at_the_next_step_and_matches(tiny_run, tmp_path
     # the logged history of the first half is kept ("first" = before the interruption)
     for key in ("eval/loss", "policy/loss", "policy/lr"):
         assert resumed["metrics"][key]["first"] == straight["metrics"][key]["first"], key
+    # metrics.jsonl (and the plot) hold the whole run, both halves
+    losses = [(r["step"], r["policy/loss"]) for r in jsonl(resumed) if "policy/loss" in r]
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+    assert [v for _, v in losses] == pytest.approx(
+        [r["policy/loss"] for r in jsonl(straight) if "policy/loss" in r], rel=1e-5)
     kept = [p.name for p in checkpoint.complete_checkpoints(run)]
     assert kept == ["step_00000003", "step_00000004"]
     # same optimizer state, LR schedule and data order: the same final weights
