@@ -13,6 +13,7 @@ from rlhf_ray.advantages import (
     gae,
     grpo_advantages,
     kl_estimate,
+    masked_whiten,
     reinforce_pp_returns,
     rloo_advantages,
     shape_rewards_with_kl,
@@ -82,5 +83,8 @@ def gae_advantages(batch: ExperienceBatch, scores: torch.Tensor, values: torch.T
           if batch.ref_logprobs is not None else torch.zeros_like(mask))
     rewards = shape_rewards_with_kl(scores, kl, mask, kl_coef)
     adv, returns = gae(rewards, values * mask, mask, gamma, lam)
+    # Whitened advantages keep a fresh (badly calibrated) value model from pushing every
+    # token one way; the returns stay unwhitened as the value targets.
+    adv = masked_whiten(adv, mask)
     kl_seq = (kl * mask).sum(-1)
     return adv, returns, {"kl/mean": float(kl_seq.mean()), "kl/coef": float(kl_coef)}
