@@ -167,7 +167,8 @@ def learner_group(cfg: Any, model_path: str, kind: str, steps: int, log: RunLogg
                             args=(model_path, cfg.learner, cfg.optim, cfg.model.dtype, kind),
                             kwargs={"total_steps": steps, "seed": cfg.seed}, distributed=True,
                             resources=WorkerResources(cfg.learner.cpus_per_worker,
-                                                      cfg.learner.gpus_per_worker),
+                                                      cfg.learner.gpus_per_worker,
+                                                      placement=cfg.learner.placement),
                             timeout_s=cfg.ray.call_timeout_s)
     try:
         with log.phase("start"):
