@@ -1,0 +1,53 @@
+"""Online learning on SmolLM2-135M-Instruct (slow: tens of minutes on 2 cores; not in CI).
+
+    pytest -m slow tests/recipes/test_online_learning_slow.py -s
+
+A short SFT (10 steps of sft_smollm2.yaml) gives the starting policy; then each recipe runs
+its smollm2 launch config through the CLI, as a user would, on held-out arithmetic prompts
+scored by the exact-answer checker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "launch" / "configs"
+
+pytestmark = pytest.mark.slow
+
+
+def launch(recipe: str, config: str, run_dir: Path, *overrides: str) -> dict:
+    cmd = [sys.executable, "-m", "rlhf_ray.cli", recipe, str(CONFIGS / config), f"run_dir={run_dir}",
+           "logging.progress_bar=false", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                         env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stderr[-5000:]}"
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sft_model(smollm2, tmp_path_factory) -> str:
+    run = tmp_path_factory.mktemp("sft")
+    return launch("sft", "sft_smollm2.yaml", run, "max_steps=10", "eval_every=0")["outputs"]["model"]
+
+
+def test_rejection_sampling_raises_single_sample_reward(sft_model, tmp_path):
+    m = launch("rs", "rs_smollm2.yaml", tmp_path, f"model.path={sft_model}")["metrics"]
+    print("rs reward/mean", m["reward/mean"], "eval/score", m["eval/score"])
+    assert m["reward/mean"]["final"] > m["reward/mean"]["first"]
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_rl_raises_heldout_score_with_bounded_kl(sft_model, tmp_path, advantage):
+    m = launch("ppo", "ppo_smollm2.yaml", tmp_path, f"model.path={sft_model}",
+               f"advantage={advantage}")["metrics"]
+    print(advantage, "eval/score", m["eval/score"], "kl/mean", m["kl/mean"])
+    assert m["eval/score"]["final"] > m["eval/score"]["first"]
+    assert m["kl/mean"]["final"] < 5.0
