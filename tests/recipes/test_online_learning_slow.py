@@ -9,27 +9,12 @@ scored by the exact-answer checker.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_learning_slow import launch  # same CLI runner (tests/recipes is on sys.path)
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "launch" / "configs"
-
-pytestmark = pytest.mark.slow
-
-
-def launch(recipe: str, config: str, run_dir: Path, *overrides: str) -> dict:
-    cmd = [sys.executable, "-m", "rlhf_ray.cli", recipe, str(CONFIGS / config), f"run_dir={run_dir}",
-           "logging.progress_bar=false", *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
-                         env={**os.environ, "WANDB_MODE": "offline"})
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stderr[-5000:]}"
-    return json.loads((run_dir / "summary.json").read_text())
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 @pytest.fixture(scope="module")
