@@ -9,8 +9,6 @@ scored by the exact-answer checker.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from test_learning_slow import launch  # same CLI runner (tests/recipes is on sys.path)
 
