@@ -29,7 +29,7 @@ def submit(address: str, recipe: str, items: list[str], python: str | None = Non
     runtime_env: dict = {"env_vars": worker_env()}
     if working_dir:
         runtime_env["working_dir"] = working_dir
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    job_id = _submit_with_retry(client, entrypoint, runtime_env)
     if not wait:
         return job_id, "SUBMITTED"
     deadline = time.time() + timeout_s
@@ -38,6 +38,22 @@ def submit(address: str, recipe: str, items: list[str], python: str | None = Non
         time.sleep(1.0)
         status = client.get_job_status(job_id)
     return job_id, str(status.value if hasattr(status, "value") else status)
+
+
+def _submit_with_retry(client, entrypoint: str, runtime_env: dict, patience_s: float = 120.0) -> str:
+    """Submit, waiting out the head's job agent while it is still starting.
+
+    A freshly started head answers "No available agent to submit job" until its job agent is up;
+    that is a wait, not a failure. Any other error is raised at once.
+    """
+    deadline = time.time() + patience_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def job_logs(address: str, job_id: str) -> str:
