@@ -9,7 +9,9 @@ RUN_DIR ?= runs/quickstart
 setup:
 	bash launch/setup.sh
 
+# a second demo moves the previous run aside (RUN_DIR.<time>) instead of refusing or overwriting it
 demo: setup
+	@if [ -e $(RUN_DIR) ]; then mv $(RUN_DIR) $(RUN_DIR).$$(date +%Y%m%d-%H%M%S); fi
 	.venv/bin/rlhf-ray pipeline launch/configs/quickstart.yaml run_dir=$(RUN_DIR)
 
 test:

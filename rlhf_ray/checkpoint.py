@@ -113,11 +113,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(old: dict, new: dict) -> list[str]:
+def config_changes(old: dict, new: dict, resumable: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys whose values differ and may not change on resume."""
     a, b = _flatten(old), _flatten(new)
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return [k for k in changed if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
+    return [k for k in changed if not any(k == r or k.startswith(r + ".") for r in resumable)]
 
 
 def check_run_dir(cfg: Any) -> Path | None:

@@ -46,6 +46,7 @@ class PPOConfig(RunConfig):
     learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners.")
     optim: OptimConfig = section(OptimConfig, "Policy optimizer.")
     value_lr: float = option(1e-5, "Value-model learning rate (gae only).")
+    value_warmup_steps: int = option(0, "First N steps train only the value model (gae only); the policy waits for a useful critic.")
     advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = option("grpo", "Advantage estimator; gae trains a value model.")
     steps: int = option(10, "Policy versions to train (one rollout batch each).")
     prompts_per_step: int = option(8, "Prompts per rollout batch (episodes = prompts * sampling.n).")
@@ -76,6 +77,12 @@ class PPOConfig(RunConfig):
             raise ConfigError("steps, prompts_per_step and chunk_size must be at least 1")
         if not (self.reward.model or self.reward.function):
             raise ConfigError("reward: set reward.model, reward.function or both")
+        if self.value_warmup_steps and self.advantage != "gae":
+            raise ConfigError(f"value_warmup_steps: only advantage=gae has a value model, "
+                              f"got advantage={self.advantage}")
+        if not 0 <= self.value_warmup_steps < self.steps:
+            raise ConfigError(f"value_warmup_steps: expected 0 <= value_warmup_steps < steps={self.steps}, "
+                              f"got {self.value_warmup_steps}")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class RunLogger:
     """Logs metrics for one run and keeps what ``summary.json`` needs."""
 
-    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, config: dict, recipe: str):
+    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, config: dict, recipe: str,
+                 resuming: bool = False):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.recipe, self.cfg = recipe, cfg
@@ -38,6 +40,10 @@ class RunLogger:
         self.phases: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, metrics) for plots
         self.start = time.time()
+        # every logged step, appended as it happens (watch it with `tail -f`); a resumed run
+        # puts its earlier part back with restore()
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.metrics_file.write_text("")
         self.wandb = None
         if cfg.wandb_mode != "disabled":
             import wandb
@@ -45,15 +51,24 @@ class RunLogger:
             if cfg.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
                 raise ValueError("logging.wandb_mode=online needs WANDB_API_KEY; "
                                  "use offline or disabled")
+            # a resumed run continues the same W&B run (its id is kept in the run folder)
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
+            if run_id is None:
+                run_id = secrets.token_hex(4)
+                id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=cfg.project, name=cfg.run_name or self.run_dir.name,
                                     dir=str(self.run_dir), mode=cfg.wandb_mode, config=config,
-                                    job_type=recipe, reinit="finish_previous")
+                                    job_type=recipe, reinit="finish_previous", id=run_id,
+                                    resume="allow")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key in metrics:
             if key.split("/", 1)[0] not in NAMESPACES or "/" not in key:
                 raise ValueError(f"metric '{key}' has no known namespace ({', '.join(NAMESPACES)})")
         self.history.append((step, {k: float(v) for k, v in metrics.items()}))
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, **self.history[-1][1]}) + "\n")
         for key, value in metrics.items():
             value = float(value)
             if math.isfinite(value):
@@ -61,6 +76,22 @@ class RunLogger:
                 self.final[key] = value
         if self.wandb is not None and step % max(self.cfg.log_every, 1) == 0:
             self.wandb.log(metrics, step=step)
+
+    def restore(self, history: list, first: dict[str, float], final: dict[str, float]) -> None:
+        """A resumed run: take back the history logged before the checkpoint."""
+        self.history = [(int(step), dict(m)) for step, m in history]
+        self.first.update(first)
+        self.final.update(final)
+        self._rewrite()
+
+    def state(self) -> dict:
+        """What restore() needs, for the run's checkpoint."""
+        return {"history": list(self.history), "first": dict(self.first), "final": dict(self.final)}
+
+    def _rewrite(self) -> None:
+        tmp = self.metrics_file.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps({"step": step, **m}) + "\n" for step, m in self.history))
+        tmp.replace(self.metrics_file)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -83,9 +114,8 @@ class RunLogger:
 
     def finish(self, outputs: dict[str, str], extra: dict | None = None) -> dict:
         """Write ``summary.json`` and close W&B; returns the summary."""
-        metrics_file = self.run_dir / "metrics.jsonl"  # every logged step, for plots and notes
-        metrics_file.write_text("".join(json.dumps({"step": step, **m}) + "\n" for step, m in self.history))
-        summary = self.summary({**outputs, "metrics": str(metrics_file)}, extra)
+        self._rewrite()
+        summary = self.summary({**outputs, "metrics": str(self.metrics_file)}, extra)
         if self.wandb is not None:
             summary["wandb_dir"] = str(Path(self.wandb.dir).parent)
             self.wandb.finish()

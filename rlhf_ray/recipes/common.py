@@ -131,11 +131,10 @@ def open_run(cfg: Any, recipe: str, data_fingerprint: str,
         raise ConfigError(f"resume=auto: the training data differ from those {resume_from} was "
                           f"trained on (data.source={cfg.data.source}); use a new run_dir")
     save_config(cfg, cfg.run_dir)
-    log = RunLogger(cfg.run_dir, cfg.logging, to_dict(cfg), recipe)
+    log = RunLogger(cfg.run_dir, cfg.logging, to_dict(cfg), recipe, resuming=state is not None)
     if state is not None:  # the first half's logged history, for summary.json and plots
-        log.first.update(state.first)
-        log.final.update(state.final)
-        log.history.extend((step, m) for step, m in state.history if step <= state.step)
+        log.restore([(step, m) for step, m in state.history if step <= state.step],
+                    state.first, state.final)
     else:
         log.log(data_metrics, step=0)
     return log, resume_from

@@ -123,13 +123,22 @@ def score_all(reward: WorkerGroup, episodes: list[Episode]) -> list[float]:
 
 
 def heldout_score(rollouts: WorkerGroup, reward: WorkerGroup, prompts: list[Prompt],
-                  max_new_tokens: int) -> dict[str, float]:
-    """Greedy responses to held-out prompts, scored: ``eval/score`` and response length."""
+                  max_new_tokens: int, sampling: SamplingConfig | None = None) -> dict[str, float]:
+    """Score the policy on held-out prompts.
+
+    ``eval/score``: mean score of greedy responses (the number the reports compare).
+    ``eval/score_sampled``: with ``sampling``, the mean score of ``sampling.n`` samples per prompt
+    at the training temperature, i.e. the expected reward of one sample from the policy.
+    """
     greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     episodes = generate_all(rollouts, prompts, greedy)
     scores = score_all(reward, episodes)
-    return {"eval/score": sum(scores) / len(scores),
-            "eval/response_len": sum(len(e.response_ids) for e in episodes) / len(episodes)}
+    out = {"eval/score": sum(scores) / len(scores),
+           "eval/response_len": sum(len(e.response_ids) for e in episodes) / len(episodes)}
+    if sampling is not None:
+        sampled = score_all(reward, generate_all(rollouts, prompts, sampling))
+        out["eval/score_sampled"] = sum(sampled) / len(sampled)
+    return out
 
 
 def check_groups(episodes: list[Episode], n: int) -> None:

@@ -10,7 +10,8 @@
       as soon as it finished generating;
    b. never train on an episode older than v - max_staleness (such episodes are dropped);
    c. advantages: KL-shaped rewards + GAE, or group baselines (GRPO / RLOO), or REINFORCE++;
-   d. ``ppo_epochs`` passes of ``mini_batches`` clipped policy-gradient steps; meanwhile the
+   d. ``ppo_epochs`` passes of ``mini_batches`` clipped policy-gradient steps (only value steps
+      during the first ``value_warmup_steps``, gae); meanwhile the
       rollout workers keep generating the ``max_staleness`` steps already queued;
    e. sync the new weights to the rollout workers as version v + 1;
    f. queue the prompts of step v + max_staleness + 1 (with 0: strictly on-policy);
@@ -26,12 +27,14 @@ from pathlib import Path
 
 import ray
 import torch
+import yaml
 from tqdm import tqdm
 
 from rlhf_ray import scaling
 from rlhf_ray.advantages import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_ray.assets import resolve_model
-from rlhf_ray.config import save_config, to_dict
+from rlhf_ray.checkpoint import config_changes
+from rlhf_ray.config import ConfigError, save_config, to_dict
 from rlhf_ray.configs import OptimConfig
 from rlhf_ray.configs_online import PPOConfig
 from rlhf_ray.data import load_tokenizer
@@ -46,8 +49,9 @@ from rlhf_ray.weight_sync import WeightSync
 
 def run(cfg: PPOConfig) -> dict:
     run_dir = Path(cfg.run_dir)
+    resuming = _check_run_dir(cfg, run_dir)
     save_config(cfg, run_dir)
-    log = RunLogger(run_dir, cfg.logging, to_dict(cfg), "ppo")
+    log = RunLogger(run_dir, cfg.logging, to_dict(cfg), "ppo", resuming)
     policy_path = resolve_model(cfg.model.path, role="policy")
     reference_path = resolve_model(cfg.reference or cfg.model.path, role="reference")
     tokenizer = load_tokenizer(policy_path)
@@ -76,9 +80,14 @@ def run(cfg: PPOConfig) -> dict:
                     value_model=cfg.value_model, value_optim=OptimConfig(lr=cfg.value_lr))
                 groups.append(learners)
                 sync = WeightSync(learners, rollouts)
-            version = _resume(cfg, run_dir, learners, sync, kl_ctl)
+            version = _resume(cfg, run_dir, learners, sync, kl_ctl, log, history)
+
+            def evaluate() -> dict[str, float]:
+                return online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens,
+                                            cfg.sampling)
+
             with log.phase("eval"):
-                log.log(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens), version)
+                log.log(evaluate(), version)
 
             # 2. queue the first steps; `rlhf-ray scale` may resize the rollout group later
             stream = EpisodeStream(rollouts, reward, reference, cfg.sampling)
@@ -106,7 +115,9 @@ def run(cfg: PPOConfig) -> dict:
                 batch, adv_metrics = _experience(cfg, fresh, tokenizer.pad_token_id, learners, kl_ctl)
                 # d. policy (and value) updates
                 t0 = time.perf_counter()
-                train_metrics = _train(cfg, batch, learners, kl_ctl.value if cfg.kl.mode == "loss" else 0.0)
+                train_policy = step >= cfg.value_warmup_steps
+                train_metrics = _train(cfg, batch, learners, kl_ctl.value if cfg.kl.mode == "loss" else 0.0,
+                                       train_policy)
                 train_s = time.perf_counter() - t0
                 # e. new weights to the rollout workers
                 sync_metrics = sync.sync(version + 1)
@@ -126,23 +137,24 @@ def run(cfg: PPOConfig) -> dict:
                            "perf/gen_s": gen_s, "perf/score_s": stream.pop_score_latency(),
                            "perf/train_s": train_s, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
                 if cfg.eval_every and version % cfg.eval_every == 0 and version < cfg.steps:
-                    metrics.update(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens))
+                    metrics.update(evaluate())
                 log.log(metrics, version)
                 history.append({"step": version, **metrics, **trained})
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0):.3f}")
                 if cfg.checkpoint.save_every and version % cfg.checkpoint.save_every == 0:
-                    _save(cfg, run_dir, learners, version, kl_ctl)
+                    _save(cfg, run_dir, learners, version, kl_ctl, log, history)
             with log.phase("eval"):
-                log.log(online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens), version)
+                log.log(evaluate(), version)
             # 4. outputs
-            _save(cfg, run_dir, learners, version, kl_ctl)
+            _save(cfg, run_dir, learners, version, kl_ctl, log, history)
             model_dir = learners.call("export_hf", str(run_dir / "model"))[0]
         finally:
             if "control" in locals():
                 ray.kill(control)
             for group in reversed(groups):
                 group.shutdown()
-    plot = plot_metrics(log.history, ["reward/mean", "kl/mean", "eval/score"], run_dir / "ppo.png", "PPO")
+    plot = plot_metrics(log.history, ["reward/mean", "kl/mean", "eval/score", "eval/score_sampled"],
+                        run_dir / "ppo.png", "PPO")
     (run_dir / "history.jsonl").write_text("".join(_json(h) + "\n" for h in history))
     return log.finish({"model": model_dir, "plot": str(plot), "history": str(run_dir / "history.jsonl")},
                       {"advantage": cfg.advantage, "max_staleness": cfg.max_staleness, "final_version": version})
@@ -172,8 +184,9 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl_ctl):
     return batch, {**metrics, **m}
 
 
-def _train(cfg: PPOConfig, batch, learners, kl_coef_loss: float) -> dict:
-    """ppo_epochs x mini_batches steps; each mini-batch split over the D learner ranks."""
+def _train(cfg: PPOConfig, batch, learners, kl_coef_loss: float, train_policy: bool = True) -> dict:
+    """ppo_epochs x mini_batches steps; each mini-batch split over the D learner ranks.
+    ``train_policy=False``: value warm-up, only the value model steps."""
     n, d = len(batch), len(learners)
     size = -(-n // cfg.mini_batches)
     totals: dict[str, float] = {}
@@ -186,15 +199,17 @@ def _train(cfg: PPOConfig, batch, learners, kl_coef_loss: float) -> dict:
             shards = [mini.select(torch.arange(r, len(mini), d)) for r in range(d)]
             results = learners.call_each("ppo_step", [
                 (s, cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, kl_coef_loss, cfg.kl.estimator,
-                 cfg.value_clip_eps, "token_mean", tokens, len(mini)) for s in shards])
+                 cfg.value_clip_eps, "token_mean", tokens, len(mini), train_policy) for s in shards])
             for k, v in results[0].items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             steps += 1
-    return {k: v / steps for k, v in totals.items()}
+    return {**{k: v / steps for k, v in totals.items()}, "policy/trained": float(train_policy)}
 
 
-def _save(cfg: PPOConfig, run_dir: Path, learners, version: int, kl_ctl) -> None:
-    state = {"version": version, "kl_coef": kl_ctl.value}
+def _save(cfg: PPOConfig, run_dir: Path, learners, version: int, kl_ctl, log: RunLogger,
+          history: list[dict]) -> None:
+    """Learner states plus the driver's: version, KL coefficient, and what was logged so far."""
+    state = {"version": version, "kl_coef": kl_ctl.value, "log": log.state(), "history": list(history)}
     learners.call("save_checkpoint", str(run_dir / "checkpoints"), f"step{version}", state)
     (run_dir / "checkpoints" / "latest").write_text(f"step{version}")
     # keep the newest checkpoint.keep_last tags of every engine (policy/, value/)
@@ -206,14 +221,46 @@ def _save(cfg: PPOConfig, run_dir: Path, learners, version: int, kl_ctl) -> None
                 shutil.rmtree(old)
 
 
-def _resume(cfg: PPOConfig, run_dir: Path, learners, sync: WeightSync, kl_ctl) -> int:
-    """``resume=auto``: restore the last checkpoint and push its weights; returns the version."""
+# what may change between the two halves of a resumed run
+RESUMABLE = ("resume", "steps", "eval_every", "eval_prompts", "checkpoint", "logging", "ray",
+             "rollout.num_workers", "learner.cpus_per_worker", "learner.gpus_per_worker",
+             "learner.micro_batch_size")
+
+
+def _check_run_dir(cfg: PPOConfig, run_dir: Path) -> bool:
+    """Before anything is written: refuse to start over a run's checkpoints, or to resume one
+    with settings that would make its two halves different runs. True: this run resumes."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return False
+    if cfg.resume == "never":
+        raise ConfigError(f"run_dir {run_dir} already holds checkpoints (newest: "
+                          f"{latest.read_text().strip()}); pass resume=auto to continue that run, "
+                          "or choose a new run_dir")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"resume=auto: {saved} is missing, so the checkpoints in {latest.parent} "
+                          "cannot be checked against this config")
+    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), RESUMABLE)
+    if changes:
+        raise ConfigError(f"resume=auto: this config differs from the one that wrote {latest.parent} "
+                          f"in {', '.join(changes)}; only {', '.join(RESUMABLE)} may change on resume")
+    return True
+
+
+def _resume(cfg: PPOConfig, run_dir: Path, learners, sync: WeightSync, kl_ctl, log: RunLogger,
+            history: list[dict]) -> int:
+    """``resume=auto``: restore the last checkpoint (weights, optimizer, KL coefficient, logged
+    history) and push its weights; returns the version."""
     latest = run_dir / "checkpoints" / "latest"
     if cfg.resume != "auto" or not latest.is_file():
         return 0
     state = learners.call("load_checkpoint", str(run_dir / "checkpoints"), latest.read_text().strip())[0]
     version = int(state["version"])
     kl_ctl.value = float(state.get("kl_coef", kl_ctl.value))
+    if "log" in state:
+        log.restore(**state["log"])
+        history.extend(state["history"])
     sync.sync(version)
     print(f"ppo: resumed from {latest.read_text().strip()} (policy version {version})")
     return version

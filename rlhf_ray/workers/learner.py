@@ -93,7 +93,10 @@ class LearnerWorker(WeightSender, Worker):
             self._hf_ds_config = HfDeepSpeedConfig(cfg)
         self.model = self._engine(load_model(self.path, self.model_kind, self.dtype), self.optim)
         if value_path:
-            self.value = self._engine(load_model(value_path, "value", self.dtype), self.value_optim)
+            value = load_model(value_path, "value", self.dtype)
+            if self.value_model_path is None:
+                lu.zero_scalar_head(value)  # a fresh head on the policy's backbone starts at V = 0
+            self.value = self._engine(value, self.value_optim)
         self.pad_id = self.model.module.config.pad_token_id or 0
         self.device = self.model.device
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.module.parameters())
@@ -150,10 +153,17 @@ class LearnerWorker(WeightSender, Worker):
                  clip_eps_high: float | None = None, dual_clip: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3",
                  value_clip_eps: float | None = None, aggregation: str = "token_mean",
-                 num_tokens_global: int | None = None, num_seqs_global: int | None = None) -> dict:
+                 num_tokens_global: int | None = None, num_seqs_global: int | None = None,
+                 train_policy: bool = True) -> dict:
         """One clipped-surrogate step (plus KL-in-loss with ``kl_coef``), and one value step
-        when the learner has a value model. ``old_logprobs=None`` means on-policy (ratio 1)."""
+        when the learner has a value model. ``old_logprobs=None`` means on-policy (ratio 1).
+        ``train_policy=False`` (critic warm-up) steps only the value model; the policy's
+        metrics are still reported."""
+        import torch
+
         self._need("causal_lm", "ppo_step")
+        if not train_policy and self.value is None:
+            raise ValueError("learner.ppo_step: train_policy=False needs a value model")
         if batch.advantages is None:
             raise ValueError("learner.ppo_step: the batch has no advantages")
         if self.value is not None and batch.returns is None:
@@ -167,10 +177,14 @@ class LearnerWorker(WeightSender, Worker):
 
         def loss_fn(mb: ExperienceBatch):
             values = self._values(self.value, mb) if self.value is not None else None
-            return lu.ppo_terms(self._forward(self.model, mb).logits, values, mb, params,
-                                aggregation, n_tok, n_seq, real_tok)
+            with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
+                logits = self._forward(self.model, mb).logits
+            losses, stats = lu.ppo_terms(logits, values, mb, params, aggregation, n_tok, n_seq,
+                                         real_tok)
+            return (losses if train_policy else losses[1:]), stats
 
-        return self._train((self._named_engines(), self._split(batch), loss_fn))
+        engines = self._named_engines() if train_policy else [(self.value, "value")]
+        return self._train((engines, self._split(batch), loss_fn))
 
     def dpo_step(self, batch: PreferenceBatch, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, num_pairs_global: int | None = None) -> dict:

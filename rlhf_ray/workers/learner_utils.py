@@ -192,6 +192,18 @@ def sft_terms(logits: torch.Tensor, mb: SequenceBatch, aggregation: str, num_tok
     return [loss], {"policy/loss": loss, "perf/tokens": mb.attention_mask.sum()}
 
 
+def zero_scalar_head(model: torch.nn.Module) -> None:
+    """Zero the scalar head (also when ZeRO-3 has partitioned it)."""
+    import deepspeed
+
+    from rlhf_ray.models import scalar_head
+
+    head = scalar_head(model)
+    with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0):
+        for p in head.parameters():
+            torch.nn.init.zeros_(p)
+
+
 def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceBatch,
               params: dict, aggregation: str, num_tokens: float, num_seqs: float,
               real_tokens: float) -> Terms:

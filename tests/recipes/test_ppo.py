@@ -52,16 +52,29 @@ def test_rloo_with_staleness_one_runs_ahead_but_within_bound(ray_local, tmp_path
     assert any(min(h["versions_trained"]) == h["trained_at_version"] - 1 for h in history)
 
 
-def test_gae_with_value_model_and_resume_mid_run(ray_local, tmp_path):
-    first, history = run_ppo(tmp_path, "advantage=gae", "steps=2", "checkpoint.save_every=1",
-                             "kl.adaptive=true", "kl.target=0.5")
+def test_gae_with_value_warmup_and_resume_mid_run(ray_local, tmp_path):
+    args = ("advantage=gae", "value_warmup_steps=1", "kl.adaptive=true", "kl.target=0.5")
+    first, history = run_ppo(tmp_path, *args, "steps=2", "checkpoint.save_every=1")
     assert "value/loss" in first["metrics"]
     assert [h["step"] for h in history] == [1, 2]
-    resumed, history = run_ppo(tmp_path, "advantage=gae", "steps=3", "resume=auto",
-                               "kl.adaptive=true", "kl.target=0.5")
-    assert [h["step"] for h in history] == [3], "the resumed run must continue at version 3"
+    # step 1 trains only the critic; the policy joins at step 2
+    assert [h["policy/trained"] for h in history] == [0.0, 1.0]
+    assert "policy/grad_norm" not in history[0] and history[0]["value/grad_norm"] > 0
+    resumed, history = run_ppo(tmp_path, *args, "steps=3", "resume=auto")
+    assert [h["step"] for h in history] == [1, 2, 3], "the resumed run keeps its history"
     assert resumed["final_version"] == 3
-    assert history[0]["trained_at_version"] == 2
+    assert history[2]["trained_at_version"] == 2 and history[2]["policy/trained"] == 1.0
+    assert resumed["metrics"]["value/loss"]["first"] == first["metrics"]["value/loss"]["first"]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "value/loss" in r] == [1, 2, 3]
+    # neither starting over the checkpoints nor resuming with other settings is allowed
+    from rlhf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        run_ppo(tmp_path, *args, "steps=4")
+    with pytest.raises(ConfigError, match="differs .* in optim.lr"):
+        run_ppo(tmp_path, *args, "steps=4", "resume=auto", "optim.lr=0.5")
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(logged)  # untouched
 
 
 def test_groups_are_checked():

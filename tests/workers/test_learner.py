@@ -218,6 +218,34 @@ def test_ppo_step_with_value_model(policy):
     assert steps[-1]["policy/approx_kl"] > 0 and steps[-1]["kl/ref"] > 0  # the policy moved
 
 
+def test_value_warmup_steps_only_the_value_model(policy):
+    seq = make_batch(6, seed=8)
+    mask = seq.response_mask
+    old = policy.call("forward_logprobs", seq)[0]
+    exp = ExperienceBatch(**seq.tensors(), old_logprobs=old, ref_logprobs=old.clone(),
+                          advantages=torch.ones(mask.shape) * mask,
+                          returns=torch.full(mask.shape, 2.0) * mask)
+    weights = policy.call("get_state_dict")[0]
+    values = policy.call("forward_values", seq)[0]
+    m = policy.call("ppo_step", exp, train_policy=False)[0]
+    assert "policy/grad_norm" not in m and m["value/grad_norm"] > 0
+    assert math.isfinite(m["policy/loss"])  # still reported
+    after = policy.call("get_state_dict")[0]
+    assert all(torch.equal(weights[k], after[k]) for k in weights)  # the policy did not move
+    assert not torch.equal(values, policy.call("forward_values", seq)[0])  # the critic did
+
+
+def test_fresh_value_head_starts_at_zero(tiny_llama):
+    from rlhf_ray.models import load_model
+    from rlhf_ray.workers.learner_utils import zero_scalar_head
+
+    value = load_model(tiny_llama, "value", "float32")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert value(input_ids=ids).logits.abs().max() > 0
+    zero_scalar_head(value)
+    assert value(input_ids=ids).logits.abs().max() == 0
+
+
 def test_dpo_step_uses_reference_logps(policy):
     chosen, rejected = make_batch(4, seed=6), make_batch(4, seed=7)
 
