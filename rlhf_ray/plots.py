@@ -7,7 +7,8 @@ from pathlib import Path
 
 def plot_metrics(history: list[tuple[int, dict[str, float]]], keys: list[str], path: Path,
                  title: str) -> Path:
-    """One panel per metric in ``keys`` that was logged at least once; x = step."""
+    """One panel per metric in ``keys`` that was logged at least once; x = step. A series
+    of 8 points or more also gets its trailing moving average (window: an eighth of it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +19,16 @@ def plot_metrics(history: list[tuple[int, dict[str, float]]], keys: list[str], p
                              squeeze=False)
     for ax, key in zip(axes[0], present):
         points = [(step, m[key]) for step, m in history if key in m]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        if len(points) >= 8:
+            w = max(3, len(points) // 8)
+            ax.plot(xs, ys, marker="o", markersize=2, alpha=0.35, label="per step")
+            avg = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1])
+                   for i in range(len(ys))]
+            ax.plot(xs, avg, linewidth=2, label=f"mean of last {w}")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(xs, ys, marker="o", markersize=3)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

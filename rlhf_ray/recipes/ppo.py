@@ -154,7 +154,7 @@ def run(cfg: PPOConfig) -> dict:
             for group in reversed(groups):
                 group.shutdown()
     plot = plot_metrics(log.history, ["reward/mean", "kl/mean", "eval/score", "eval/score_sampled"],
-                        run_dir / "ppo.png", "PPO")
+                        run_dir / "ppo.png", f"PPO ({cfg.advantage})")
     (run_dir / "history.jsonl").write_text("".join(_json(h) + "\n" for h in history))
     return log.finish({"model": model_dir, "plot": str(plot), "history": str(run_dir / "history.jsonl")},
                       {"advantage": cfg.advantage, "max_staleness": cfg.max_staleness, "final_version": version})
