@@ -57,6 +57,9 @@ def run(cfg: PPOConfig) -> dict:
     tokenizer = load_tokenizer(policy_path)
     train_prompts = online.load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, "train")
     eval_prompts = online.load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, "heldout")[: cfg.eval_prompts]
+    if len(eval_prompts) < cfg.eval_prompts:
+        print(f"ppo: the held-out split has {len(eval_prompts)} prompts; evaluating on all of them "
+              f"(eval_prompts={cfg.eval_prompts})")
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
     timeout = cfg.ray.call_timeout_s

@@ -32,5 +32,7 @@ def test_rl_raises_heldout_score_with_bounded_kl(sft_model, tmp_path, config):
     m = launch("ppo", config, tmp_path, f"model.path={sft_model}")["metrics"]
     print(config, "eval/score", m["eval/score"], "eval/score_sampled", m["eval/score_sampled"],
           "kl/mean", m["kl/mean"])
-    assert m["eval/score"]["final"] > m["eval/score"]["first"]
+    # the expected reward of one sampled answer on held-out prompts (436 answers; greedy
+    # accuracy on 109 prompts is too noisy to gate on, see docs/learning.md)
+    assert m["eval/score_sampled"]["final"] > m["eval/score_sampled"]["first"] + 0.03
     assert m["kl/mean"]["final"] < 5.0
