@@ -40,7 +40,7 @@ def submit(address: str, recipe: str, items: list[str], python: str | None = Non
     return job_id, str(status.value if hasattr(status, "value") else status)
 
 
-def _submit_with_retry(client, entrypoint: str, runtime_env: dict, patience_s: float = 120.0) -> str:
+def _submit_with_retry(client, entrypoint: str, runtime_env: dict, patience_s: float = 60.0) -> str:
     """Submit, waiting out the head's job agent while it is still starting.
 
     A freshly started head answers "No available agent to submit job" until its job agent is up;
@@ -51,8 +51,13 @@ def _submit_with_retry(client, entrypoint: str, runtime_env: dict, patience_s: f
         try:
             return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
         except RuntimeError as e:
-            if "No available agent" not in str(e) or time.time() > deadline:
+            if "No available agent" not in str(e):
                 raise
+            if time.time() > deadline:
+                raise RuntimeError(f"{e}\nThe head's job agent did not come up in {patience_s:.0f} s. "
+                                   "Is its port free? Another Ray on the same machine holds the "
+                                   "default 52365; start the head with --dashboard-agent-listen-port."
+                                   ) from None
             time.sleep(2.0)
 
 

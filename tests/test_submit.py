@@ -23,13 +23,16 @@ def _port() -> int:
 
 def test_submit_generate_job_to_a_cluster(tiny_llama, tmp_path):
     gcs, dash = _port(), _port()
+    # the agents' default ports (52365, ...) belong to the test session's own local Ray
+    agent_ports = [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+                   f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # Ray's socket paths must stay short
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={gcs}", "--num-cpus=2", f"--dashboard-port={dash}",
                              "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                             f"--temp-dir={temp_dir}", "--object-store-memory=300000000"],
+                             f"--temp-dir={temp_dir}", "--object-store-memory=300000000", *agent_ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:

@@ -46,5 +46,6 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     RunLogger(tmp_path, cfg, {}, "sft", resuming=True).finish({})
     RunLogger(tmp_path / "other", cfg, {}, "sft").finish({})
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.endswith(run_id) for r in runs)  # both halves, one W&B run
+    # both halves, one W&B run (a second folder in the same second gets a "-1" suffix)
+    assert len(runs) == 2 and all(f"-{run_id}" in r for r in runs), runs
     assert (tmp_path / "other" / "wandb_run_id").read_text().strip() != run_id  # a new run: a new id
