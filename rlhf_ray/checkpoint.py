@@ -127,19 +127,25 @@ def check_run_dir(cfg: Any) -> Path | None:
     checkpoints, or when ``resume=auto`` meets a saved config that differs incompatibly.
     """
     found = latest(cfg.run_dir)
-    if found is None:
-        return None
+    if found is not None:
+        check_resume(cfg, found.name, found)
+    return found
+
+
+def check_resume(cfg: Any, newest: str, where: Path,
+                 resumable: tuple[str, ...] = RESUMABLE_KEYS) -> None:
+    """A run folder holds checkpoints (``newest``, written to ``where``): refuse ``resume=never``,
+    and a ``resume=auto`` whose config differs from the saved one outside ``resumable``."""
     if cfg.resume == "never":
         raise ConfigError(f"run_dir {cfg.run_dir} already holds checkpoints (newest: "
-                          f"{found.name}); pass resume=auto to continue that run, or choose a "
+                          f"{newest}); pass resume=auto to continue that run, or choose a "
                           "new run_dir")
     saved = Path(cfg.run_dir) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"resume=auto: {saved} is missing, so the checkpoints in "
                           f"{checkpoints_dir(cfg.run_dir)} cannot be checked against this config")
-    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), resumable)
     if changes:
-        raise ConfigError(f"resume=auto: this config differs from the one that wrote {found} in "
-                          f"{', '.join(changes)}; only {', '.join(RESUMABLE_KEYS)} may change on "
+        raise ConfigError(f"resume=auto: this config differs from the one that wrote {where} in "
+                          f"{', '.join(changes)}; only {', '.join(resumable)} may change on "
                           "resume (use a new run_dir to start over)")
-    return found

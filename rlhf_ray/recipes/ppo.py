@@ -27,14 +27,12 @@ from pathlib import Path
 
 import ray
 import torch
-import yaml
 from tqdm import tqdm
 
-from rlhf_ray import scaling
+from rlhf_ray import checkpoint, scaling
 from rlhf_ray.advantages import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_ray.assets import resolve_model
-from rlhf_ray.checkpoint import config_changes
-from rlhf_ray.config import ConfigError, save_config, to_dict
+from rlhf_ray.config import save_config, to_dict
 from rlhf_ray.configs import OptimConfig
 from rlhf_ray.configs_online import PPOConfig
 from rlhf_ray.data import load_tokenizer
@@ -83,7 +81,7 @@ def run(cfg: PPOConfig) -> dict:
                     value_model=cfg.value_model, value_optim=OptimConfig(lr=cfg.value_lr))
                 groups.append(learners)
                 sync = WeightSync(learners, rollouts)
-            version = _resume(cfg, run_dir, learners, sync, kl_ctl, log, history)
+            version = _resume(run_dir, learners, sync, kl_ctl, log, history) if resuming else 0
 
             def evaluate() -> dict[str, float]:
                 return online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens,
@@ -225,9 +223,7 @@ def _save(cfg: PPOConfig, run_dir: Path, learners, version: int, kl_ctl, log: Ru
 
 
 # what may change between the two halves of a resumed run
-RESUMABLE = ("resume", "steps", "eval_every", "eval_prompts", "checkpoint", "logging", "ray",
-             "rollout.num_workers", "learner.cpus_per_worker", "learner.gpus_per_worker",
-             "learner.micro_batch_size")
+RESUMABLE = (*checkpoint.RESUMABLE_KEYS, "steps", "eval_prompts", "rollout.num_workers")
 
 
 def _check_run_dir(cfg: PPOConfig, run_dir: Path) -> bool:
@@ -236,28 +232,15 @@ def _check_run_dir(cfg: PPOConfig, run_dir: Path) -> bool:
     latest = run_dir / "checkpoints" / "latest"
     if not latest.is_file():
         return False
-    if cfg.resume == "never":
-        raise ConfigError(f"run_dir {run_dir} already holds checkpoints (newest: "
-                          f"{latest.read_text().strip()}); pass resume=auto to continue that run, "
-                          "or choose a new run_dir")
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"resume=auto: {saved} is missing, so the checkpoints in {latest.parent} "
-                          "cannot be checked against this config")
-    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), RESUMABLE)
-    if changes:
-        raise ConfigError(f"resume=auto: this config differs from the one that wrote {latest.parent} "
-                          f"in {', '.join(changes)}; only {', '.join(RESUMABLE)} may change on resume")
+    checkpoint.check_resume(cfg, latest.read_text().strip(), latest.parent, RESUMABLE)
     return True
 
 
-def _resume(cfg: PPOConfig, run_dir: Path, learners, sync: WeightSync, kl_ctl, log: RunLogger,
+def _resume(run_dir: Path, learners, sync: WeightSync, kl_ctl, log: RunLogger,
             history: list[dict]) -> int:
     """``resume=auto``: restore the last checkpoint (weights, optimizer, KL coefficient, logged
     history) and push its weights; returns the version."""
     latest = run_dir / "checkpoints" / "latest"
-    if cfg.resume != "auto" or not latest.is_file():
-        return 0
     state = learners.call("load_checkpoint", str(run_dir / "checkpoints"), latest.read_text().strip())[0]
     version = int(state["version"])
     kl_ctl.value = float(state.get("kl_coef", kl_ctl.value))
