@@ -63,6 +63,7 @@ class PPOConfig(RunConfig):
     chunk_size: int = option(4, "Prompts per generate call; finished chunks are scored while others generate.")
     eval_every: int = option(0, "Held-out evaluation every N steps (0: only first and last).")
     eval_prompts: int = option(32, "Held-out prompts per evaluation (greedy).")
+    eval_samples: int = option(0, "Samples per held-out prompt for eval/score_sampled (0: sampling.n).")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     ray: RayConfig = section(RayConfig, "Ray cluster connection.")
     logging: LoggingConfig = section(LoggingConfig, "Logging.")
@@ -80,6 +81,8 @@ class PPOConfig(RunConfig):
         if self.value_warmup_steps and self.advantage != "gae":
             raise ConfigError(f"value_warmup_steps: only advantage=gae has a value model, "
                               f"got advantage={self.advantage}")
+        if self.eval_samples < 0:
+            raise ConfigError(f"eval_samples: expected >= 0 (0: sampling.n), got {self.eval_samples}")
         if not 0 <= self.value_warmup_steps < self.steps:
             raise ConfigError(f"value_warmup_steps: expected 0 <= value_warmup_steps < steps={self.steps}, "
                               f"got {self.value_warmup_steps}")
@@ -100,6 +103,7 @@ class RSConfig(RunConfig):
     epochs: int = option(1, "SFT passes over each round's kept set.")
     batch_size: int = option(16, "Sequences per optimizer step.")
     eval_prompts: int = option(32, "Held-out prompts per evaluation (greedy).")
+    eval_samples: int = option(0, "Samples per held-out prompt for eval/score_sampled (0: sampling.n).")
     ray: RayConfig = section(RayConfig, "Ray cluster connection.")
     logging: LoggingConfig = section(LoggingConfig, "Logging.")
 
@@ -108,6 +112,8 @@ class RSConfig(RunConfig):
             raise ConfigError(f"sampling.n: rejection sampling needs at least 2 samples per prompt, got {self.sampling.n}")
         if self.rounds < 1 or self.prompts_per_round < 1 or self.batch_size < 1:
             raise ConfigError("rounds, prompts_per_round and batch_size must be at least 1")
+        if self.eval_samples < 0:
+            raise ConfigError(f"eval_samples: expected >= 0 (0: sampling.n), got {self.eval_samples}")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -123,13 +123,17 @@ def score_all(reward: WorkerGroup, episodes: list[Episode]) -> list[float]:
 
 
 def heldout_score(rollouts: WorkerGroup, reward: WorkerGroup, prompts: list[Prompt],
-                  max_new_tokens: int, sampling: SamplingConfig | None = None) -> dict[str, float]:
+                  max_new_tokens: int, sampling: SamplingConfig | None = None,
+                  samples: int = 0) -> dict[str, float]:
     """Score the policy on held-out prompts.
 
     ``eval/score``: mean score of greedy responses (the number the reports compare).
-    ``eval/score_sampled``: with ``sampling``, the mean score of ``sampling.n`` samples per prompt
-    at the training temperature, i.e. the expected reward of one sample from the policy.
+    ``eval/score_sampled``: with ``sampling``, the mean score of ``samples`` (0: ``sampling.n``)
+    samples per prompt at the training temperature, i.e. the expected reward of one sample
+    from the policy. More samples per prompt make this estimate tighter than the greedy one.
     """
+    if sampling is not None and samples:
+        sampling = replace(sampling, n=samples)
     greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     episodes = generate_all(rollouts, prompts, greedy)
     scores = score_all(reward, episodes)
@@ -138,6 +142,7 @@ def heldout_score(rollouts: WorkerGroup, reward: WorkerGroup, prompts: list[Prom
     if sampling is not None:
         sampled = score_all(reward, generate_all(rollouts, prompts, sampling))
         out["eval/score_sampled"] = sum(sampled) / len(sampled)
+        out["eval/sampled_answers"] = float(len(sampled))
     return out
 
 

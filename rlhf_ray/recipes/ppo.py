@@ -85,7 +85,7 @@ def run(cfg: PPOConfig) -> dict:
 
             def evaluate() -> dict[str, float]:
                 return online.heldout_score(rollouts, reward, eval_prompts, cfg.sampling.max_new_tokens,
-                                            cfg.sampling)
+                                            cfg.sampling, cfg.eval_samples)
 
             with log.phase("eval"):
                 log.log(evaluate(), version)

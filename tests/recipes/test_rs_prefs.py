@@ -32,7 +32,8 @@ def test_best_of_n_keeps_the_best_and_pairs_best_with_worst():
 def test_rs_rounds_write_kept_sets_and_pairs(ray_local, tmp_path):
     from rlhf_ray.recipes import rs
 
-    cfg = build_config(RSConfig, CONFIGS / "rs_tiny.yaml", [f"run_dir={tmp_path}", "logging.progress_bar=false"])
+    cfg = build_config(RSConfig, CONFIGS / "rs_tiny.yaml", [f"run_dir={tmp_path}", "logging.progress_bar=false",
+                                                              "eval_samples=5"])
     summary = rs.run(cfg)
     for r in range(2):
         kept = [json.loads(x) for x in (tmp_path / f"round{r}_kept.jsonl").read_text().splitlines()]
@@ -41,6 +42,7 @@ def test_rs_rounds_write_kept_sets_and_pairs(ray_local, tmp_path):
             assert pair["chosen_score"] > pair["rejected_score"]
     m = summary["metrics"]
     assert m["sync/version"]["final"] == 2
+    assert m["eval/sampled_answers"]["final"] == 4 * 5  # eval_prompts x eval_samples
     assert m["policy/loss"]["final"] == m["policy/loss"]["final"]  # trained, finite
     # the kept responses are the longest (the reward is the length): best >= the mean sample
     assert m["rs/best_mean"]["first"] >= m["reward/mean"]["first"]
