@@ -6,13 +6,15 @@ from pathlib import Path
 
 
 def plot_metrics(history: list[tuple[int, dict[str, float]]], keys: list[str], path: Path,
-                 title: str) -> Path:
-    """One panel per metric in ``keys`` that was logged at least once; x = step. A series
+                 title: str, xlabel: str = "step") -> Path:
+    """One panel per metric in ``keys`` that was logged at least once; x = step (integer ticks,
+    labelled ``xlabel``). A series
     of 8 points or more also gets its trailing moving average (window: an eighth of it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     present = [k for k in keys if any(k in m for _, m in history)]
     fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4.2 * max(len(present), 1), 3.2),
@@ -30,7 +32,8 @@ def plot_metrics(history: list[tuple[int, dict[str, float]]], keys: list[str], p
         else:
             ax.plot(xs, ys, marker="o", markersize=3)
         ax.set_title(key)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -84,8 +84,8 @@ def run(cfg: RSConfig) -> dict:
         finally:
             for group in reversed(groups):
                 group.shutdown()
-    outputs["plot"] = str(plot_metrics(log.history, ["reward/mean", "rs/best_mean", "eval/score"],
-                                       run_dir / "rs.png", "Rejection sampling"))
+    outputs["plot"] = str(plot_metrics(log.history, ["reward/mean", "rs/kept_frac", "eval/score_sampled", "eval/score"],
+                                       run_dir / "rs.png", "Rejection sampling", xlabel="round"))
     return log.finish(outputs, {"rounds": cfg.rounds})
 
 
