@@ -55,8 +55,12 @@ def run(cfg: RSConfig) -> dict:
                                                  cfg.rounds * steps_per_round, cfg.seed, timeout)
                 groups.append(learners)
                 sync = WeightSync(learners, rollouts)
-            log.log(online.heldout_score(rollouts, reward, heldout, cfg.sampling.max_new_tokens,
-                                                                cfg.sampling, cfg.eval_samples), 0)
+
+            def evaluate() -> dict[str, float]:
+                return online.heldout_score(rollouts, reward, heldout, cfg.sampling.max_new_tokens,
+                                            cfg.sampling, cfg.eval_samples)
+
+            log.log(evaluate(), 0)
             for r in tqdm(range(cfg.rounds), desc="rs", unit="round", disable=not cfg.logging.progress_bar):
                 prompts = online.prompts_for_step(train, r, cfg.prompts_per_round)
                 # 1-2. n samples per prompt, scored
@@ -77,8 +81,7 @@ def run(cfg: RSConfig) -> dict:
                 metrics = {**online.rollout_metrics(episodes, r), **train_m, **sync_m,
                            "rs/kept": float(len(kept)), "rs/kept_frac": len(kept) / len(prompts),
                            "rs/best_mean": sum(e.score for e in kept) / max(len(kept), 1),
-                           **online.heldout_score(rollouts, reward, heldout, cfg.sampling.max_new_tokens,
-                                                                cfg.sampling, cfg.eval_samples)}
+                           **evaluate()}
                 log.log(metrics, r + 1)
             outputs["model"] = learners.call("export_hf", str(run_dir / "model"))[0]
         finally:
