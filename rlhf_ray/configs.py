@@ -23,6 +23,7 @@ class RayConfig:
     num_cpus: int | None = option(None, "CPUs for a local Ray (null: all cores).")
     object_store_mb: int = option(1024, "Object store size for a local Ray, in MiB.")
     call_timeout_s: float = option(600.0, "Timeout for every remote call; the error names the worker.")
+    start_timeout_s: float = option(600.0, "Timeout for a worker to start (placement, process, imports, model load); the error names the worker.")
     log_to_driver: bool = option(True, "Print worker logs on the driver's console.")
 
 

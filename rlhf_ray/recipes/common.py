@@ -168,7 +168,8 @@ def learner_group(cfg: Any, model_path: str, kind: str, steps: int, log: RunLogg
                             resources=WorkerResources(cfg.learner.cpus_per_worker,
                                                       cfg.learner.gpus_per_worker,
                                                       placement=cfg.learner.placement),
-                            timeout_s=cfg.ray.call_timeout_s)
+                            timeout_s=cfg.ray.call_timeout_s,
+                            start_timeout_s=cfg.ray.start_timeout_s)
     try:
         with log.phase("start"):
             group.call("init")

@@ -109,7 +109,8 @@ def _reference_server(cfg: DPOConfig, path: str, dtype: str, log) -> Iterator[Wo
         group = WorkerGroup(ReferenceServer, "reference", 1,
                             args=(path, dtype, cfg.learner.micro_batch_size),
                             resources=WorkerResources(num_cpus=cfg.reference_cpus),
-                            timeout_s=cfg.ray.call_timeout_s)
+                            timeout_s=cfg.ray.call_timeout_s,
+                            start_timeout_s=cfg.ray.start_timeout_s)
     try:
         yield group
     finally:

@@ -42,9 +42,8 @@ def run(cfg: GenerateConfig) -> dict:
     with ray_session(cfg.ray, worker_env(cfg.rollout.kv_cache_gib)):
         # 2. workers
         with log.phase("start"):
-            rollouts = online.start_rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed,
-                                             cfg.ray.call_timeout_s)
-            reward = online.start_reward(cfg.reward, cfg.ray.call_timeout_s) if scoring else None
+            rollouts = online.start_rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed, cfg.ray)
+            reward = online.start_reward(cfg.reward, cfg.ray) if scoring else None
         try:
             # 3-4. generate, score as each worker finishes
             with log.phase("generate"):

@@ -11,6 +11,7 @@ from rlhf_ray.configs import (
     DataConfig,
     LearnerConfig,
     OptimConfig,
+    RayConfig,
     RewardConfig,
     RolloutConfig,
     SamplingConfig,
@@ -66,26 +67,28 @@ def prompts_for_step(prompts: list[Prompt], step: int, per_step: int) -> list[Pr
     return [prompts[(start + i) % len(prompts)] for i in range(per_step)]
 
 
-def start_rollouts(model: str, rollout: RolloutConfig, dtype: str, seed: int, timeout_s: float) -> WorkerGroup:
+def start_rollouts(model: str, rollout: RolloutConfig, dtype: str, seed: int, ray_cfg: RayConfig) -> WorkerGroup:
     return WorkerGroup(RolloutWorker, "rollout", rollout.num_workers,
                        args=(model, rollout, dtype, seed),
                        resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
                                                  placement=rollout.placement),
-                       timeout_s=timeout_s)
+                       timeout_s=ray_cfg.call_timeout_s, start_timeout_s=ray_cfg.start_timeout_s)
 
 
-def start_reward(reward: RewardConfig, timeout_s: float) -> WorkerGroup:
+def start_reward(reward: RewardConfig, ray_cfg: RayConfig) -> WorkerGroup:
     return WorkerGroup(RewardServer, "reward", reward.num_replicas, args=(reward,),
-                       resources=WorkerResources(num_cpus=0), timeout_s=timeout_s)
+                       resources=WorkerResources(num_cpus=0), timeout_s=ray_cfg.call_timeout_s,
+                       start_timeout_s=ray_cfg.start_timeout_s)
 
 
-def start_reference(model: str, dtype: str, timeout_s: float) -> WorkerGroup:
+def start_reference(model: str, dtype: str, ray_cfg: RayConfig) -> WorkerGroup:
     return WorkerGroup(ReferenceServer, "reference", 1, args=(model, dtype),
-                       resources=WorkerResources(num_cpus=0), timeout_s=timeout_s)
+                       resources=WorkerResources(num_cpus=0), timeout_s=ray_cfg.call_timeout_s,
+                       start_timeout_s=ray_cfg.start_timeout_s)
 
 
 def start_learners(model: str, learner: LearnerConfig, optim: OptimConfig, dtype: str,
-                   total_steps: int, seed: int, timeout_s: float, with_value: bool = False,
+                   total_steps: int, seed: int, ray_cfg: RayConfig, with_value: bool = False,
                    value_model: str | None = None, value_optim: OptimConfig | None = None) -> WorkerGroup:
     group = WorkerGroup(LearnerWorker, "learner", learner.num_workers, distributed=True,
                         args=(model, learner, optim, dtype),
@@ -93,7 +96,7 @@ def start_learners(model: str, learner: LearnerConfig, optim: OptimConfig, dtype
                                     value_model_path=value_model, value_optim=value_optim),
                         resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
                                                   placement=learner.placement),
-                        timeout_s=timeout_s)
+                        timeout_s=ray_cfg.call_timeout_s, start_timeout_s=ray_cfg.start_timeout_s)
     group.call("init")
     return group
 

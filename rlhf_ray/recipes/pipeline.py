@@ -109,8 +109,8 @@ def _score_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, floa
     tokenizer = load_tokenizer(models["base"])
     rollout_cfg = dataclasses.replace(cfg.rs.rollout, num_workers=1)
     prompts = online.load_prompts(cfg.eval_data, tokenizer, rollout_cfg.max_model_len, "heldout")[: cfg.eval_prompts]
-    rollouts = online.start_rollouts(models["base"], rollout_cfg, cfg.model.dtype, cfg.seed, cfg.ray.call_timeout_s)
-    reward = online.start_reward(RewardConfig(function=cfg.eval_checker), cfg.ray.call_timeout_s)
+    rollouts = online.start_rollouts(models["base"], rollout_cfg, cfg.model.dtype, cfg.seed, cfg.ray)
+    reward = online.start_reward(RewardConfig(function=cfg.eval_checker), cfg.ray)
     scores = {}
     try:
         for version, (name, path) in enumerate(models.items()):

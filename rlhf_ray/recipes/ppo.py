@@ -60,7 +60,6 @@ def run(cfg: PPOConfig) -> dict:
               f"(eval_prompts={cfg.eval_prompts})")
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
-    timeout = cfg.ray.call_timeout_s
     history: list[dict] = []
 
     with ray_session(cfg.ray, worker_env(cfg.rollout.kv_cache_gib)):
@@ -68,16 +67,16 @@ def run(cfg: PPOConfig) -> dict:
         try:
             # 1. the roles
             with log.phase("start"):
-                rollouts = online.start_rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, timeout)
+                rollouts = online.start_rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, cfg.ray)
                 groups.append(rollouts)
-                reward = online.start_reward(cfg.reward, timeout)
+                reward = online.start_reward(cfg.reward, cfg.ray)
                 groups.append(reward)
-                reference = online.start_reference(reference_path, cfg.model.dtype, timeout)
+                reference = online.start_reference(reference_path, cfg.model.dtype, cfg.ray)
                 groups.append(reference)
                 gae = cfg.advantage == "gae"
                 learners = online.start_learners(
                     policy_path, cfg.learner, cfg.optim, cfg.model.dtype,
-                    cfg.steps * cfg.ppo_epochs * cfg.mini_batches, cfg.seed, timeout, with_value=gae,
+                    cfg.steps * cfg.ppo_epochs * cfg.mini_batches, cfg.seed, cfg.ray, with_value=gae,
                     value_model=cfg.value_model, value_optim=OptimConfig(lr=cfg.value_lr))
                 groups.append(learners)
                 sync = WeightSync(learners, rollouts)
@@ -101,7 +100,7 @@ def run(cfg: PPOConfig) -> dict:
                 t_step = time.perf_counter()
                 # a. this step's scored episodes
                 t0 = time.perf_counter()
-                episodes = stream.collect(cfg.prompts_per_step, timeout)
+                episodes = stream.collect(cfg.prompts_per_step, cfg.ray.call_timeout_s)
                 gen_s = time.perf_counter() - t0
                 # b. the staleness bound
                 fresh = [e for e in episodes if e.policy_version >= version - cfg.max_staleness]

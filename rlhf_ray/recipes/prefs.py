@@ -43,10 +43,9 @@ def run(cfg: PrefsConfig) -> dict:
         groups = []
         try:
             with log.phase("start"):
-                rollouts = online.start_rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed,
-                                                 cfg.ray.call_timeout_s)
+                rollouts = online.start_rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, cfg.ray)
                 groups.append(rollouts)
-                reward = online.start_reward(cfg.reward, cfg.ray.call_timeout_s)
+                reward = online.start_reward(cfg.reward, cfg.ray)
                 groups.append(reward)
             # 1-2. candidates, scored
             with log.phase("generate"):

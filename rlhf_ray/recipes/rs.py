@@ -39,7 +39,6 @@ def run(cfg: RSConfig) -> dict:
     tokenizer = load_tokenizer(policy_path)
     train = online.load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, "train")
     heldout = online.load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, "heldout")[: cfg.eval_prompts]
-    timeout = cfg.ray.call_timeout_s
     outputs: dict[str, str] = {}
     steps_per_round = -(-cfg.prompts_per_round // cfg.batch_size) * cfg.epochs
 
@@ -47,12 +46,12 @@ def run(cfg: RSConfig) -> dict:
         groups = []
         try:
             with log.phase("start"):
-                rollouts = online.start_rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, timeout)
+                rollouts = online.start_rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, cfg.ray)
                 groups.append(rollouts)
-                reward = online.start_reward(cfg.reward, timeout)
+                reward = online.start_reward(cfg.reward, cfg.ray)
                 groups.append(reward)
                 learners = online.start_learners(policy_path, cfg.learner, cfg.optim, cfg.model.dtype,
-                                                 cfg.rounds * steps_per_round, cfg.seed, timeout)
+                                                 cfg.rounds * steps_per_round, cfg.seed, cfg.ray)
                 groups.append(learners)
                 sync = WeightSync(learners, rollouts)
 

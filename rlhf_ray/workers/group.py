@@ -86,11 +86,13 @@ class WorkerGroup:
 
     def __init__(self, actor_cls: type, role: str, num_workers: int, args: Sequence = (),
                  kwargs: dict | None = None, resources: WorkerResources | None = None,
-                 distributed: bool = False, timeout_s: float = 600.0):
+                 distributed: bool = False, timeout_s: float = 600.0, start_timeout_s: float = 600.0):
         self.actor_cls, self.role, self.args = actor_cls, role, tuple(args)
         self.kwargs = dict(kwargs or {})
         self.resources = resources or WorkerResources()
-        self.distributed, self.timeout_s = distributed, timeout_s
+        # Starting a worker (placement, process, imports, model load) has its own limit:
+        # it is slow on a busy machine and unrelated to how long a call may take.
+        self.distributed, self.timeout_s, self.start_timeout_s = distributed, timeout_s, start_timeout_s
         self.workers: list[Any] = []
         self.nodes: list[str] = []
         self._pg = None
@@ -121,7 +123,7 @@ class WorkerGroup:
             bundle = {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}
             strategy = "PACK" if self.resources.placement == "pack" else "SPREAD"
             self._pg = placement_group([bundle] * n, strategy=strategy)
-            self._gather([self._pg.ready()], [0], "placement group")
+            self._gather([self._pg.ready()], [0], "placement group", self.start_timeout_s)
         new = []
         for i in range(n):
             index = start + i if self._pg is not None and start + i < self._pg.bundle_count else None
@@ -130,7 +132,16 @@ class WorkerGroup:
         self.workers.extend(new)
         self.nodes.extend(["unknown"] * n)
         ranks = list(range(start, start + n))
-        infos = self._gather([w.node_info.remote() for w in new], ranks, "start")
+        try:
+            infos = self._gather([w.node_info.remote() for w in new], ranks, "start", self.start_timeout_s)
+        except BaseException:  # a failed start leaves no half-started workers behind
+            for handle in new:
+                ray.kill(handle, no_restart=True)
+            del self.workers[start:], self.nodes[start:]
+            if start == 0 and self._pg is not None:
+                remove_placement_group(self._pg)
+                self._pg = None
+            raise
         for rank, info in zip(ranks, infos):
             self.nodes[rank] = f"{info['ip']} ({info['host']}, pid {info['pid']})"
         if self.distributed:
@@ -148,7 +159,7 @@ class WorkerGroup:
             by_node[node] = local_rank + 1
             refs.append(worker.set_rank_env.remote(rank, len(self.workers), master["ip"],
                                                    master["free_port"], local_rank))
-        self._gather(refs, list(range(len(self.workers))), "rendezvous")
+        self._gather(refs, list(range(len(self.workers))), "rendezvous", self.start_timeout_s)
 
     def remove(self, n: int) -> None:
         """Stop the last ``n`` workers (scale in), letting each shut down cleanly."""
@@ -186,12 +197,13 @@ class WorkerGroup:
         """Gather refs submitted with :meth:`submit`, attributing failures to ranks."""
         return self._gather(list(refs), list(ranks), what)
 
-    def _gather(self, refs: list, ranks: list[int], what: str) -> list:
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+    def _gather(self, refs: list, ranks: list[int], what: str, timeout_s: float | None = None) -> list:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if pending:
             rank = ranks[refs.index(pending[0])]
             raise WorkerError(self.role, rank, self._node(rank),
-                              f"'{what}' timed out after {self.timeout_s:.0f} s")
+                              f"'{what}' timed out after {timeout_s:.0f} s")
         results = []
         for ref, rank in zip(refs, ranks):
             try:

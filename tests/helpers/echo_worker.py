@@ -9,7 +9,8 @@ from rlhf_ray.workers.group import Worker
 class EchoWorker(Worker):
     role = "echo"
 
-    def __init__(self, tag: str = ""):
+    def __init__(self, tag: str = "", start_delay_s: float = 0.0):
+        time.sleep(start_delay_s)  # a slow start (imports, model load)
         self.tag = tag
         self.stopped = False
 

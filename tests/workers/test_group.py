@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from rlhf_ray.workers.group import WorkerError, WorkerGroup, WorkerResources
@@ -46,12 +48,33 @@ def test_failure_names_role_rank_node_and_cause(echo_cls):
 
 
 def test_timeout_names_the_stuck_worker(echo_cls):
-    group = WorkerGroup(echo_cls, "echo", 1, resources=WorkerResources(num_cpus=0), timeout_s=1.0)
+    # The call limit is 1 s; starting the worker has its own (generous) limit, so a busy
+    # machine that is slow to spawn the process does not trip the call timeout.
+    group = WorkerGroup(echo_cls, "echo", 1, resources=WorkerResources(num_cpus=0), timeout_s=1.0,
+                        start_timeout_s=300.0)
     try:
         with pytest.raises(WorkerError, match="echo worker rank 0 .* 'sleep' timed out after 1 s"):
             group.call("sleep", 5.0)
     finally:
         group.shutdown()
+
+
+def test_slow_start_names_the_worker_and_frees_what_it_held(echo_cls):
+    import ray
+
+    def free_cpus() -> float:
+        return ray.available_resources().get("CPU", 0.0)
+
+    before = free_cpus()
+    for placement in ("none", "pack"):  # a plain actor, then one in a placement group
+        with pytest.raises(WorkerError, match="echo worker rank 0 .* 'start' timed out after 2 s"):
+            WorkerGroup(echo_cls, "echo", 1, kwargs={"start_delay_s": 120.0}, timeout_s=600.0,
+                        start_timeout_s=2.0, resources=WorkerResources(num_cpus=1, placement=placement))
+        # The half-started worker is killed and its placement group removed: its CPU comes back.
+        deadline = time.time() + 30
+        while free_cpus() < before and time.time() < deadline:
+            time.sleep(0.2)
+        assert free_cpus() == before, placement
 
 
 def test_scale_out_and_in(echo_cls):
