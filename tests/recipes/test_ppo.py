@@ -149,7 +149,7 @@ def test_rollout_workers_scale_while_the_job_runs(ray_local, tmp_path):
             time.sleep(1)
     out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "scale", "--address", address,
                           "--run", "scaled", "--rollout", "2"], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ))
+                         timeout=300, env=dict(os.environ))
     thread.join(timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     _, history = done["result"]
@@ -159,5 +159,5 @@ def test_rollout_workers_scale_while_the_job_runs(ray_local, tmp_path):
         assert h["versions_trained"] == [h["trained_at_version"]]
     bad = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "scale", "--address", address,
                           "--run", "no-such-run", "--rollout", "2"], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ))
+                         timeout=300, env=dict(os.environ))
     assert bad.returncode == 1 and "no running job named 'no-such-run'" in bad.stderr
