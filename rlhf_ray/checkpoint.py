@@ -2,8 +2,10 @@
 
 A checkpoint is a folder ``run_dir/checkpoints/step_00000012`` holding
 
-- ``policy/``: each learner rank's DeepSpeed checkpoint (weights, optimizer, LR schedule),
-  written by ``LearnerWorker.save_checkpoint``;
+- ``policy/`` (and ``value/`` with a critic): each learner rank's DeepSpeed checkpoint
+  (weights, optimizer, LR schedule), written by ``LearnerWorker.save_checkpoint``;
+- ``rng/``: each learner rank's torch random state, so dropout masks continue as if the run
+  had never stopped;
 - ``state.json``: the driver's job state (:class:`JobState`), written LAST, so a folder
   without it is an interrupted save and is ignored.
 

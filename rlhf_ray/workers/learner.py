@@ -38,6 +38,7 @@ from rlhf_ray.workers.group import Worker, _free_port
 
 ModelKind = Literal["causal_lm", "reward"]
 CLIENT_KEY = "rlhf_ray_client_state"  # ours, among DeepSpeed's own checkpoint entries
+RNG_LATEST = "latest"  # the random-state file a load without a tag reads
 Plan = tuple  # (engines [(engine, metric prefix)], micro-batches, loss_fn)
 
 
@@ -375,14 +376,26 @@ class LearnerWorker(WeightSender, Worker):
 
     def save_checkpoint(self, directory: str, tag: str | None = None,
                         client_state: dict | None = None) -> str:
-        """DeepSpeed checkpoint (weights, optimizer, LR schedule) of every engine. All ranks."""
+        """DeepSpeed checkpoint (weights, optimizer, LR schedule) of every engine, and this
+        rank's random state (dropout masks), so a resumed step draws what the straight run
+        would have. All ranks."""
+        import torch
+
         for engine, name in self._named_engines():
             engine.save_checkpoint(str(Path(directory) / name), tag=tag,
                                    client_state={CLIENT_KEY: dict(client_state or {})})
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        for name in {tag or RNG_LATEST, RNG_LATEST}:  # what a load with tag=None finds
+            path = self._rng_path(directory, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(rng, path)
         return directory
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> dict:
         """Restore what ``save_checkpoint`` wrote; returns its client_state. All ranks."""
+        import torch
+
         client_state: dict = {}
         for engine, name in self._named_engines():
             load_path, state = engine.load_checkpoint(str(Path(directory) / name), tag=tag)
@@ -390,7 +403,16 @@ class LearnerWorker(WeightSender, Worker):
                 raise FileNotFoundError(f"learner rank {self.rank}: no {name} checkpoint in "
                                         f"{Path(directory) / name} (tag {tag!r})")
             client_state = client_state or dict((state or {}).get(CLIENT_KEY, {}))
+        rng_path = self._rng_path(directory, tag or RNG_LATEST)
+        if rng_path.exists():  # absent in checkpoints written before it was saved, or by fewer ranks
+            rng = torch.load(rng_path, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         return client_state
+
+    def _rng_path(self, directory: str, tag: str) -> Path:
+        return Path(directory) / "rng" / f"{tag}_rank{self.rank}.pt"
 
     # ------------------------------------------------------------------ helpers
 
