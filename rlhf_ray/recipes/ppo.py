@@ -212,7 +212,7 @@ def _save(cfg: PPOConfig, run_dir: Path, learners, version: int, kl_ctl, log: Ru
     state = {"version": version, "kl_coef": kl_ctl.value, "log": log.state(), "history": list(history)}
     learners.call("save_checkpoint", str(run_dir / "checkpoints"), f"step{version}", state)
     (run_dir / "checkpoints" / "latest").write_text(f"step{version}")
-    # keep the newest checkpoint.keep_last tags of every engine (policy/, value/)
+    # keep the newest checkpoint.keep_last tags of every engine (policy/, value/) and of rng/
     for engine_dir in (run_dir / "checkpoints").iterdir():
         if engine_dir.is_dir():
             tags = sorted((p for p in engine_dir.glob("step*") if p.is_dir()),

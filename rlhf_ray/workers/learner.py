@@ -412,7 +412,8 @@ class LearnerWorker(WeightSender, Worker):
         return client_state
 
     def _rng_path(self, directory: str, tag: str) -> Path:
-        return Path(directory) / "rng" / f"{tag}_rank{self.rank}.pt"
+        # rng/<tag>/ mirrors the engines' <engine>/<tag>/ folders, so pruning old tags prunes it too
+        return Path(directory) / "rng" / tag / f"rank{self.rank}.pt"
 
     # ------------------------------------------------------------------ helpers
 

@@ -98,6 +98,11 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(ray_local, tmp_
     weights = [load_file(Path(s["outputs"]["model"]) / "model.safetensors") for s in (straight, resumed)]
     for name, w in weights[0].items():
         assert torch.allclose(weights[1][name], w, atol=1e-5), name
+    # Old tags are pruned alike from every engine's folder and from the random states.
+    ckpts = tmp_path / "split" / "checkpoints"
+    for part in ("policy", "value", "rng"):
+        assert sorted(p.name for p in (ckpts / part).glob("step*")) == ["step3", "step4"], part
+    assert (ckpts / "rng" / "step4" / "rank0.pt").is_file()
 
 
 def test_groups_are_checked():
