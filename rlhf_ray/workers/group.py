@@ -123,7 +123,12 @@ class WorkerGroup:
             bundle = {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}
             strategy = "PACK" if self.resources.placement == "pack" else "SPREAD"
             self._pg = placement_group([bundle] * n, strategy=strategy)
-            self._gather([self._pg.ready()], [0], "placement group", self.start_timeout_s)
+            try:
+                self._gather([self._pg.ready()], [0], "placement group", self.start_timeout_s)
+            except BaseException:  # e.g. more than the cluster has: give the request back
+                remove_placement_group(self._pg)
+                self._pg = None
+                raise
         new = []
         for i in range(n):
             index = start + i if self._pg is not None and start + i < self._pg.bundle_count else None

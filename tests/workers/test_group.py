@@ -88,3 +88,13 @@ def test_scale_out_and_in(echo_cls):
             group.remove(1)
     finally:
         group.shutdown()
+
+
+def test_unplaceable_group_names_the_wait_and_gives_its_request_back(echo_cls):
+    import ray
+
+    with pytest.raises(WorkerError, match="echo worker rank 0 .* 'placement group' timed out after 2 s"):
+        WorkerGroup(echo_cls, "echo", 2, start_timeout_s=2.0,
+                    resources=WorkerResources(num_cpus=100, placement="pack"))  # the cluster has 4
+    states = [pg["state"] for pg in ray.util.placement_group_table().values()]
+    assert "PENDING" not in states, states
