@@ -117,38 +117,29 @@ class WorkerGroup:
         if n < 0:
             raise ValueError(f"{self.role}: cannot add {n} workers")
         start = len(self.workers)
-        if self.resources.placement != "none" and start == 0 and n > 0:
-            bundle = {"CPU": self.resources.num_cpus, "GPU": self.resources.num_gpus,
-                      **self.resources.custom}
-            bundle = {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}
-            strategy = "PACK" if self.resources.placement == "pack" else "SPREAD"
-            self._pg = placement_group([bundle] * n, strategy=strategy)
-            try:
-                self._gather([self._pg.ready()], [0], "placement group", self.start_timeout_s)
-            except BaseException:  # e.g. more than the cluster has: give the request back
-                remove_placement_group(self._pg)
-                self._pg = None
-                raise
-        new = []
-        for i in range(n):
-            index = start + i if self._pg is not None and start + i < self._pg.bundle_count else None
-            handle = self._remote_cls.options(**self._options(index)).remote(*self.args, **self.kwargs)
-            new.append(handle)
-        self.workers.extend(new)
-        self.nodes.extend(["unknown"] * n)
         ranks = list(range(start, start + n))
+        new: list = []
         try:
+            if self.resources.placement != "none" and start == 0 and n > 0:
+                bundle = {"CPU": self.resources.num_cpus, "GPU": self.resources.num_gpus,
+                          **self.resources.custom}
+                bundle = {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}
+                strategy = "PACK" if self.resources.placement == "pack" else "SPREAD"
+                self._pg = placement_group([bundle] * n, strategy=strategy)
+                self._gather([self._pg.ready()], [0], "placement group", self.start_timeout_s)
+            for i in range(n):
+                index = start + i if self._pg is not None and start + i < self._pg.bundle_count else None
+                new.append(self._remote_cls.options(**self._options(index)).remote(*self.args, **self.kwargs))
             infos = self._gather([w.node_info.remote() for w in new], ranks, "start", self.start_timeout_s)
-        except BaseException:  # a failed start leaves no half-started workers behind
+        except BaseException:  # a failed start leaves no half-started workers or placement behind
             for handle in new:
                 ray.kill(handle, no_restart=True)
-            del self.workers[start:], self.nodes[start:]
             if start == 0 and self._pg is not None:
                 remove_placement_group(self._pg)
                 self._pg = None
             raise
-        for rank, info in zip(ranks, infos):
-            self.nodes[rank] = f"{info['ip']} ({info['host']}, pid {info['pid']})"
+        self.workers.extend(new)
+        self.nodes.extend(f"{info['ip']} ({info['host']}, pid {info['pid']})" for info in infos)
         if self.distributed:
             self._rendezvous(infos[0] if start == 0 else None)
         return ranks

@@ -38,7 +38,6 @@ from rlhf_ray.workers.group import Worker, _free_port
 
 ModelKind = Literal["causal_lm", "reward"]
 CLIENT_KEY = "rlhf_ray_client_state"  # ours, among DeepSpeed's own checkpoint entries
-RNG_LATEST = "latest"  # the random-state file a load without a tag reads
 Plan = tuple  # (engines [(engine, metric prefix)], micro-batches, loss_fn)
 
 
@@ -384,12 +383,10 @@ class LearnerWorker(WeightSender, Worker):
         for engine, name in self._named_engines():
             engine.save_checkpoint(str(Path(directory) / name), tag=tag,
                                    client_state={CLIENT_KEY: dict(client_state or {})})
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        for name in {tag or RNG_LATEST, RNG_LATEST}:  # what a load with tag=None finds
-            path = self._rng_path(directory, name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(rng, path)
+        path = self._rng_path(directory, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, path)
         return directory
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> dict:
@@ -403,7 +400,7 @@ class LearnerWorker(WeightSender, Worker):
                 raise FileNotFoundError(f"learner rank {self.rank}: no {name} checkpoint in "
                                         f"{Path(directory) / name} (tag {tag!r})")
             client_state = client_state or dict((state or {}).get(CLIENT_KEY, {}))
-        rng_path = self._rng_path(directory, tag or RNG_LATEST)
+        rng_path = self._rng_path(directory, tag)
         if rng_path.exists():  # absent in checkpoints written before it was saved, or by fewer ranks
             rng = torch.load(rng_path, weights_only=True)
             torch.set_rng_state(rng["cpu"])
@@ -411,8 +408,10 @@ class LearnerWorker(WeightSender, Worker):
                 torch.cuda.set_rng_state_all(rng["cuda"])
         return client_state
 
-    def _rng_path(self, directory: str, tag: str) -> Path:
-        # rng/<tag>/ mirrors the engines' <engine>/<tag>/ folders, so pruning old tags prunes it too
+    def _rng_path(self, directory: str, tag: str | None) -> Path:
+        """rng/<tag>/rank<r>.pt, beside the engines' <engine>/<tag>/ folders (pruned with them).
+        No tag: the one DeepSpeed last saved under (its ``latest`` file)."""
+        tag = tag or (Path(directory) / "policy" / "latest").read_text().strip()
         return Path(directory) / "rng" / tag / f"rank{self.rank}.pt"
 
     # ------------------------------------------------------------------ helpers
