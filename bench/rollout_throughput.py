@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
-    from rlhf_ray.configs import DataConfig
-    from rlhf_ray.recipes.online import load_prompts
+    from rlhf_ray.config import DataConfig
+    from rlhf_ray.driver.prompts import load_prompts
 
     data = DataConfig(source="arithmetic", format="prompt", template="alpaca", num_rows=2 * n)
     return [p.prompt_ids for p in load_prompts(data, tokenizer, 512, "train")[:n]]

@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from rlhf_ray.errors import UserError
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-llama"
 TINY_RM = "tiny-llama-rm"
@@ -35,7 +37,7 @@ TINY_SEED = 1234
 ASSET_VERSION = 1  # bump to force a rebuild when the recipe of an asset changes
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """An asset is missing, corrupt or cannot be built; the message says how to fix it."""
 
 
@@ -209,49 +211,3 @@ def ensure(name: str) -> str:
     if not is_built(name):
         (build_smollm2 if name == SMOLLM2 else lambda: build_tiny(name))()
     return str(asset_path(name))
-
-
-CHECK_PROMPT = "What is the capital of France?"
-CHECK_TOKENS = 16
-
-
-def greedy_check(name: str = SMOLLM2) -> dict:
-    """Greedy-decode a fixed chat prompt in transformers and in vLLM; the tokens must agree.
-
-    Returns ``{"hf": [...], "vllm": [...], "text": ...}``; raises ``AssetError`` on a mismatch.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_ray.workers.engine import make_llm, shutdown_llm
-
-    path = ensure(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": CHECK_PROMPT}],
-                                               add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=CHECK_TOKENS,
-                             do_sample=False)
-    hf_tokens = out[0, len(prompt_ids):].tolist()
-    del model
-
-    from vllm import SamplingParams, TokensPrompt
-
-    llm = make_llm(path, dtype="float32", max_model_len=512)
-    try:
-        result = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)],
-                              SamplingParams(temperature=0.0, max_tokens=CHECK_TOKENS),
-                              use_tqdm=False)
-        vllm_tokens = list(result[0].outputs[0].token_ids)
-    finally:
-        shutdown_llm(llm)
-    # HF pads after EOS; compare up to and including the first EOS.
-    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    if eos in hf_tokens:
-        hf_tokens = hf_tokens[: hf_tokens.index(eos) + 1]
-    report = {"hf": hf_tokens, "vllm": vllm_tokens, "text": tokenizer.decode(vllm_tokens)}
-    if hf_tokens != vllm_tokens:
-        raise AssetError(f"{name}: greedy tokens differ between transformers and vLLM: {report}")
-    return report

@@ -8,9 +8,13 @@ log p(input_ids[:, j+1] | input_ids[:, :j+1]).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+B = TypeVar("B", bound="SequenceBatch")
 
 
 @dataclass
@@ -58,10 +62,46 @@ class SequenceBatch:
         return self.loss_mask[:, 1:]
 
     def select(self, index: slice | torch.Tensor) -> SequenceBatch:
+        """Rows ``index`` (any order), every tensor kept at its full width."""
         return type(self)(**{k: v[index] for k, v in self.tensors().items()})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+
+    # The one rule for cutting a batch into parts: contiguous row ranges. Ranks get
+    # ``shards`` at the batch's full width (their results concatenate); a rank's forward
+    # passes get ``split``, with the columns that are padding in every row dropped.
+
+    def rows(self: B, rows: slice) -> B:
+        """Rows ``rows`` with all-padding columns on the right dropped: (B, T) tensors are
+        cut to the last real column, next-token aligned (B, T-1) ones one shorter, (B,)
+        tensors keep their shape."""
+        length = self.input_ids.shape[1]
+        real = self.attention_mask[rows].bool().any(0).nonzero()
+        width = int(real.max()) + 1 if len(real) else 1
+        fields = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[rows]
+                if value.dim() >= 2 and value.shape[1] == length:
+                    value = value[:, :width]
+                elif value.dim() >= 2 and value.shape[1] == length - 1:
+                    value = value[:, : width - 1]
+            fields[f.name] = value
+        return type(self)(**fields)
+
+    def split(self: B, size: int) -> list[B]:
+        """Consecutive parts of at most ``size`` rows (micro-batches)."""
+        return [self.rows(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    def shards(self: B, n: int) -> list[B]:
+        """``n`` contiguous, near-equal parts at full width, one per learner rank (each
+        needs a row)."""
+        return [self.select(s) for s in _shard_slices(len(self), n)]
+
+    def to(self: B, device: torch.device | str) -> B:
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
     @classmethod
     def from_pairs(cls, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
@@ -108,3 +148,49 @@ class PreferenceBatch:
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    def rows(self, rows: slice) -> PreferenceBatch:
+        """Pairs ``rows``; each side trimmed like :meth:`SequenceBatch.rows`."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+        return PreferenceBatch(self.chosen.rows(rows), self.rejected.rows(rows),
+                               cut(self.ref_chosen_logps), cut(self.ref_rejected_logps))
+
+    def split(self, size: int) -> list[PreferenceBatch]:
+        return [self.rows(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    def shards(self, n: int) -> list[PreferenceBatch]:
+        """``n`` contiguous, near-equal parts at full width, one per learner rank."""
+        def cut(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
+            return None if t is None else t[s]
+        return [PreferenceBatch(self.chosen.select(s), self.rejected.select(s),
+                                cut(self.ref_chosen_logps, s), cut(self.ref_rejected_logps, s))
+                for s in _shard_slices(len(self), n)]
+
+    def to(self, device: torch.device | str) -> PreferenceBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+        return PreferenceBatch(self.chosen.to(device), self.rejected.to(device),
+                               move(self.ref_chosen_logps), move(self.ref_rejected_logps))
+
+    def stacked(self, pad_id: int) -> SequenceBatch:
+        """Chosen rows then rejected rows in one right-padded (2B, T) batch (one forward)."""
+        a, b = self.chosen, self.rejected
+        length = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+        def cat(x: torch.Tensor, y: torch.Tensor, value: float) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value),
+                              torch.nn.functional.pad(y, (0, length - y.shape[1]), value=value)])
+
+        return SequenceBatch(cat(a.input_ids, b.input_ids, pad_id),
+                             cat(a.attention_mask, b.attention_mask, 0),
+                             cat(a.loss_mask, b.loss_mask, 0.0))
+
+
+def _shard_slices(n_rows: int, n: int) -> list[slice]:
+    if n_rows < n:
+        raise ValueError(f"{n_rows} rows cannot be split over {n} learner ranks "
+                         "(every rank needs at least one row)")
+    sizes = [n_rows // n + (r < n_rows % n) for r in range(n)]
+    starts = [sum(sizes[:r]) for r in range(n)]
+    return [slice(s, s + k) for s, k in zip(starts, sizes)]

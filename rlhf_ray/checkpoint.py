@@ -9,9 +9,12 @@ A checkpoint is a folder ``run_dir/checkpoints/step_00000012`` holding
 - ``state.json``: the driver's job state (:class:`JobState`), written LAST, so a folder
   without it is an interrupted save and is ignored.
 
-The data order is a pure function of ``(seed, epoch)`` (see
-:func:`rlhf_ray.recipes.common.batch_indices`), so the step counter is the data position:
-a resumed run rebuilds exactly the batches an uninterrupted run would have seen.
+Every recipe that resumes uses this one format (sft, rm, dpo, rs, ppo); a recipe's own
+driver state (PPO's KL coefficient and per-step history, RS's round outputs) goes in
+``JobState.extra``. The offline recipes' data order is a pure function of ``(seed, epoch)``
+(see :func:`rlhf_ray.driver.batches.batch_indices`) and PPO's prompts a pure function of
+the step, so the step counter is the data position: a resumed run rebuilds exactly the
+batches an uninterrupted run would have seen.
 
 ``resume=auto`` continues from the newest complete checkpoint, after checking that the run
 folder's saved config differs from the new one only in keys that may change between the
@@ -29,8 +32,8 @@ from typing import Any
 
 import yaml
 
-from rlhf_ray.config import ConfigError, to_dict
-from rlhf_ray.metrics import write_json_atomic
+from rlhf_ray.config_loader import ConfigError, to_dict
+from rlhf_ray.files import write_json_atomic
 
 STATE_FILE = "state.json"
 PREFIX = "step_"
@@ -44,12 +47,13 @@ RESUMABLE_KEYS = ("resume", "max_steps", "epochs", "eval_every", "max_eval_rows"
 class JobState:
     """What the driver needs to continue a run: the step counter and the logged history."""
 
-    step: int  # optimizer steps done
-    epoch: int  # epoch of the next step
-    data_fingerprint: str  # hash of the training examples, to catch changed data
+    step: int  # steps done (optimizer steps, PPO policy versions, RS rounds)
+    epoch: int = 0  # epoch of the next step (offline recipes; informational)
+    data_fingerprint: str = ""  # hash of the training data, to catch changed data
     first: dict[str, float] = dataclasses.field(default_factory=dict)  # first logged values
     final: dict[str, float] = dataclasses.field(default_factory=dict)  # latest logged values
     history: list = dataclasses.field(default_factory=list)  # [(step, metrics)] logged so far
+    extra: dict = dataclasses.field(default_factory=dict)  # the recipe's own driver state
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -80,6 +84,8 @@ def save(learners: Any, run_dir: str | Path, state: JobState, keep_last: int) ->
     path = step_dir(run_dir, state.step)
     if path.exists():
         shutil.rmtree(path)  # an interrupted save of the same step
+    for unfinished in set(checkpoints_dir(run_dir).glob(f"{PREFIX}*")) - set(complete_checkpoints(run_dir)):
+        shutil.rmtree(unfinished, ignore_errors=True)  # saves a kill interrupted
     path.mkdir(parents=True)
     learners.call("save_checkpoint", str(path), "state", {"step": state.step})
     write_json_atomic(path / STATE_FILE, dataclasses.asdict(state))
@@ -122,7 +128,7 @@ def config_changes(old: dict, new: dict, resumable: tuple[str, ...] = RESUMABLE_
     return [k for k in changed if not any(k == r or k.startswith(r + ".") for r in resumable)]
 
 
-def check_run_dir(cfg: Any) -> Path | None:
+def check_run_dir(cfg: Any, resumable: tuple[str, ...] = RESUMABLE_KEYS) -> Path | None:
     """Before anything is written: the checkpoint to resume from (``resume=auto``), or None.
 
     Raises :class:`ConfigError` when ``resume=never`` meets a run folder that holds
@@ -130,7 +136,7 @@ def check_run_dir(cfg: Any) -> Path | None:
     """
     found = latest(cfg.run_dir)
     if found is not None:
-        check_resume(cfg, found.name, found)
+        check_resume(cfg, found.name, found, resumable)
     return found
 
 

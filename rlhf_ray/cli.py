@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from rlhf_ray.config import ConfigError, build_config, describe, to_yaml
+from rlhf_ray.config_loader import ConfigError, build_config, describe, to_yaml
+from rlhf_ray.errors import UserError
 
 
 def _recipes() -> dict[str, type]:
@@ -46,7 +47,9 @@ def cmd_assets(args: argparse.Namespace) -> int:
         print(f"{name:24s} {'cached' if was_built else 'built '}  {path}")
     if fresh or args.verify:
         print("checking that transformers and vLLM load SmolLM2 and agree on greedy tokens ...")
-        report = assets.greedy_check(assets.SMOLLM2)
+        from rlhf_ray.workers.engine import greedy_check
+
+        report = greedy_check(assets.SMOLLM2)
         print(f"ok: {len(report['vllm'])} greedy tokens agree: {report['text']!r}")
     return 0
 
@@ -126,7 +129,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     import ray
 
-    from rlhf_ray.scaling import set_rollout_workers
+    from rlhf_ray.driver.scaling import set_rollout_workers
 
     ray.init(address=args.address, log_to_driver=False)
     try:
@@ -216,13 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # user-facing errors carry their own clear message
-        from rlhf_ray.assets import AssetError
-
-        if isinstance(e, AssetError) or type(e).__name__ in ("DataError", "WorkerError"):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except UserError as e:  # a bad file, model, worker or request: the message says which
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,229 +1,386 @@
-"""The typed configuration tree: defaults in code, YAML overrides, dotted CLI overrides.
+"""Every config tree: the shared sections, then one root dataclass per recipe.
 
-Every recipe has one root dataclass (see ``rlhf_ray.configs``). A run is configured by
-
-    defaults (in code)  <-  YAML file (overrides only)  <-  ``key.sub=value`` arguments
-
-Unknown keys and wrong types raise :class:`ConfigError`, which names the dotted key and
-the valid choices or the closest match. Validation never rewrites a value silently.
+Defaults live here, each with a one-line doc; YAML in ``launch/configs`` holds overrides
+only (the loading mechanics are in ``rlhf_ray.config_loader``). Each worker receives its own
+sub-config (``RolloutConfig``, ``LearnerConfig`` ...), never the whole tree.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import re
-import types
-import typing
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from dataclasses import dataclass
+from typing import Literal
 
-import yaml
+from rlhf_ray.config_loader import ConfigError, option, section
 
-_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+Dtype = Literal["float32", "bfloat16"]
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key."""
+# --------------------------------------------------------------------------- shared parts
 
 
-def option(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and a one-line doc (shown by ``rlhf-ray config --doc``)."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
-    if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda d=default: dataclasses.replace(d),
-                                 metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
+@dataclass
+class RayConfig:
+    address: str = option("local", "Ray address: 'local' starts a private Ray; 'auto' or ray://host:port joins a cluster.")
+    num_cpus: int | None = option(None, "CPUs for a local Ray (null: all cores).")
+    object_store_mb: int = option(1024, "Object store size for a local Ray, in MiB.")
+    call_timeout_s: float = option(600.0, "Timeout for every remote call; the error names the worker.")
+    start_timeout_s: float = option(600.0, "Timeout for a worker to start (placement, process, imports, model load); the error names the worker.")
+    log_to_driver: bool = option(True, "Print worker logs on the driver's console.")
 
 
-def section(cls: type, doc: str) -> Any:
-    """A nested sub-config field."""
-    return dataclasses.field(default_factory=cls, metadata={"doc": doc})
+@dataclass
+class LoggingConfig:
+    wandb_mode: Literal["offline", "online", "disabled"] = option("offline", "W&B mode: offline writes a local run folder; online needs WANDB_API_KEY.")
+    project: str = option("rlhf-ray", "W&B project name.")
+    run_name: str | None = option(None, "W&B run name (null: the run folder's name).")
+    log_every: int = option(1, "Log metrics every N steps.")
+    progress_bar: bool = option(True, "Show a progress bar on the console.")
 
 
-# --------------------------------------------------------------------------- parsing
+@dataclass
+class ModelConfig:
+    path: str = option("tiny-llama", "Model: a built asset name (see `rlhf-ray assets`) or a Hugging Face folder.")
+    dtype: Dtype = option("float32", "Parameter dtype for training and inference.")
 
 
-def _closest(key: str, choices: list[str], prefix: str = "") -> str:
-    match = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
-    hint = f" Did you mean '{prefix}{match[0]}'?" if match else ""
-    return f"{hint} Valid keys: {', '.join(sorted(choices))}."
+@dataclass
+class DataConfig:
+    source: str = option("arithmetic", "Data: a file (.jsonl/.json/.parquet/.csv), a save_to_disk folder, or a built-in source name.")
+    format: Literal["instruction", "conversation", "prompt", "preference"] = option("instruction", "Row format expected in the source.")
+    template: Literal["alpaca", "chat"] = option("alpaca", "Prompt template: the Alpaca template or the tokenizer's chat template.")
+    max_length: int = option(512, "Maximum tokens of prompt plus response.")
+    truncation: Literal["drop", "truncate"] = option("drop", "What to do with a row longer than max_length.")
+    skip_invalid: bool = option(False, "Drop invalid rows (counted and reported) instead of stopping at the first.")
+    num_rows: int | None = option(None, "Use only the first N rows (null: all).")
+    heldout_fraction: float = option(0.1, "Fraction of rows held out for evaluation (deterministic split).")
+    seed: int = option(0, "Seed for built-in generators, splits and shuffling.")
+    packing: bool = option(False, "Pack several SFT rows into one sequence.")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction: expected 0 <= x < 1, got {self.heldout_fraction}")
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length: expected at least 8 tokens, got {self.max_length}")
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"list[{_type_name(get_args(tp)[0])}]"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+@dataclass
+class OptimConfig:
+    lr: float = option(1e-5, "Peak learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    betas: list[float] = option([0.9, 0.95], "AdamW betas.")
+    warmup_steps: int = option(0, "Linear warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear"] = option("constant", "LR schedule after warm-up.")
+    grad_clip: float = option(1.0, "Gradient-norm clip (0 disables).")
+    eps: float = option(1e-8, "AdamW epsilon.")
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: expected a positive learning rate, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: expected two numbers, got {self.betas}")
 
 
-def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
-    """Check ``value`` against the annotation ``tp``; only widen int -> float.
+@dataclass
+class LearnerConfig:
+    num_workers: int = option(1, "Data-parallel DeepSpeed learner ranks.")
+    zero_stage: Literal[0, 1, 2, 3] = option(0, "DeepSpeed ZeRO stage.")
+    micro_batch_size: int = option(4, "Sequences per forward/backward on each rank.")
+    offload: bool = option(False, "Offload optimizer state to CPU (ZeRO >= 1).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    cpus_per_worker: float = option(1.0, "Ray CPUs reserved per learner.")
+    gpus_per_worker: float = option(0.0, "Ray GPUs reserved per learner (0 on CPU machines).")
+    placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the learners: pack (same node first) or spread.")
+    backend: Literal["auto", "gloo", "nccl"] = option("auto", "torch.distributed backend: auto picks nccl on GPU, gloo on CPU.")
 
-    ``base`` is the default of a nested section: a partial mapping overrides its fields.
-    """
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key, base)
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in get_args(tp):
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{key}: expected null, got {value!r}")
-        return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # YAML 1.1 reads '1e-5' (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"learner.num_workers: expected at least 1, got {self.num_workers}")
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"learner.micro_batch_size: expected at least 1, got {self.micro_batch_size}")
+        if self.offload and self.zero_stage == 0:
+            raise ConfigError("learner.offload: needs learner.zero_stage >= 1, got 0")
 
 
-def _build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
-    """``data`` applied over ``base`` (default: the class defaults), validated."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    base = cls() if base is None else base
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown key '{dotted}'.{_closest(str(key), names, prefix + '.' if prefix else '')}")
-        kwargs[key] = _coerce(value, hints[key], dotted, getattr(base, key))
-    obj = dataclasses.replace(base, **kwargs)
-    check = getattr(obj, "validate", None)
-    if check is not None:
-        check()
-    return obj
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = option(128, "Maximum tokens generated per response.")
+    temperature: float = option(1.0, "Sampling temperature (0 is greedy).")
+    top_p: float = option(1.0, "Nucleus sampling threshold.")
+    top_k: int = option(-1, "Top-k sampling (-1 disables).")
+    n: int = option(1, "Responses sampled per prompt.")
+    seed: int | None = option(None, "Sampling seed (null: random).")
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"sampling.n: expected at least 1, got {self.n}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p: expected 0 < top_p <= 1, got {self.top_p}")
 
 
-def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """Set ``tree[a][b][c] = value`` for ``dotted == 'a.b.c'``, creating mappings as needed."""
-    parts = dotted.split(".")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is a value, not a section; "
-                              f"cannot set '{dotted}'")
-        node = child
-    node[parts[-1]] = value
+@dataclass
+class RolloutConfig:
+    num_workers: int = option(1, "vLLM rollout workers (scale independently of the learners).")
+    tensor_parallel_size: int = option(1, "vLLM tensor-parallel size per worker (GPU).")
+    max_model_len: int = option(1024, "vLLM context length (prompt plus response).")
+    kv_cache_gib: int = option(1, "KV-cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = option(0.5, "Fraction of GPU memory vLLM may take (GPU).")
+    cpus_per_worker: float = option(0.5, "Ray CPUs reserved per rollout worker.")
+    gpus_per_worker: float = option(0.0, "Ray GPUs reserved per rollout worker.")
+    placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the rollout workers: pack or spread.")
 
 
-def parse_override(arg: str) -> tuple[str, Any]:
-    """Parse ``key.sub=value``; the value is read as YAML (``3`` is an int, ``null`` is None)."""
-    if "=" not in arg:
-        raise ConfigError(f"override '{arg}' must look like key.sub=value")
-    key, raw = arg.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{arg}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+@dataclass
+class RewardConfig:
+    model: str | None = option(None, "Reward model: an asset name or folder of a sequence classifier (null: none).")
+    function: str | None = option(None, "Reward function: a built-in checker name or 'module:function' (null: none).")
+    num_replicas: int = option(1, "RewardServer replicas.")
+    normalize: bool = option(False, "Normalise scores with the mean/std stored in the reward model's config.")
+    clip: float | None = option(None, "Clip scores to [-clip, clip] (null: no clip).")
+    micro_batch_size: int = option(16, "Episodes scored per forward pass.")
+
+    def validate(self) -> None:
+        if self.function and ":" not in self.function and not self.function.isidentifier():
+            raise ConfigError(f"reward.function: expected a built-in name or 'module:function', got {self.function!r}")
 
 
-def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
+@dataclass
+class CheckpointConfig:
+    save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end).")
+    keep_last: int = option(2, "Checkpoints to keep.")
 
 
-def build_config(cls: type, yaml_path: str | Path | None = None,
-                 overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Defaults, then the YAML file, then dotted overrides; validated into ``cls``."""
-    data: dict = load_yaml(yaml_path) if yaml_path else {}
-    for arg in overrides:
-        key, value = parse_override(arg)
-        set_dotted(data, key, value)
-    try:
-        return _build(cls, data)
-    except ConfigError as e:
-        where = f" (from {yaml_path})" if yaml_path else ""
-        raise ConfigError(f"{e}{where}") from None
+# --------------------------------------------------------------------------- recipes
 
 
-# --------------------------------------------------------------------------- output
+@dataclass
+class RunConfig:
+    """Fields every recipe shares: where the run lives, how it resumes, Ray and logging."""
+
+    run_dir: str = option("runs/latest", "Run folder: config, checkpoints, summary.json, W&B files.")
+    resume: Literal["never", "auto"] = option("never", "'auto' continues from the last checkpoint in run_dir.")
+    seed: int = option(0, "Global seed.")
+    ray: RayConfig = section(RayConfig, "Ray cluster connection.")
+    logging: LoggingConfig = section(LoggingConfig, "Logging.")
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+@dataclass
+class GenerateConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The policy to sample from.")
+    data: DataConfig = section(DataConfig, "Prompts.")
+    sampling: SamplingConfig = section(SamplingConfig, "Sampling settings.")
+    rollout: RolloutConfig = section(RolloutConfig, "Rollout workers.")
+    reward: RewardConfig = section(RewardConfig, "Optional scoring of the samples (null model and function: none).")
+    split: Literal["train", "heldout", "all"] = option("heldout", "Which split of the data to prompt with.")
 
 
-def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+@dataclass
+class SFTConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The model to fine-tune.")
+    data: DataConfig = section(DataConfig, "Instruction data.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners.")
+    epochs: int = option(1, "Passes over the training set.")
+    batch_size: int = option(16, "Global batch size in sequences.")
+    max_steps: int | None = option(None, "Stop after N optimizer steps (null: run all epochs).")
+    loss_aggregation: Literal["token_mean", "seq_mean"] = option("token_mean", "How token losses are averaged.")
+    eval_every: int = option(0, "Held-out evaluation every N steps (0: only first and last).")
+    max_eval_rows: int | None = option(None, "Evaluate on at most the first N held-out rows (null: all).")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "max_steps", "max_eval_rows"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: expected at least 1, got {value}")
+        for key in ("eval_every", "checkpoint.save_every"):
+            value = self.eval_every if key == "eval_every" else self.checkpoint.save_every
+            if value < 0:
+                raise ConfigError(f"{key}: expected 0 or more, got {value}")
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last: expected at least 1, got {self.checkpoint.keep_last}")
+        if self.batch_size < self.learner.num_workers:
+            raise ConfigError(f"batch_size: {self.batch_size} cannot feed learner.num_workers="
+                              f"{self.learner.num_workers} ranks (every rank needs at least one "
+                              "row of each batch)")
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every leaf field, for ``config --doc``."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    default = cls()
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, key + ".")
-        else:
-            rows.append((key, _type_name(tp), getattr(default, f.name), f.metadata.get("doc", "")))
-    return rows
+@dataclass
+class RMConfig(SFTConfig):
+    data: DataConfig = option(DataConfig(format="preference"), "Preference pairs (prompt, chosen, rejected).")
+    margin: float = option(0.0, "Margin in the pairwise loss -log sigmoid(r_c - r_r - margin).")
+    stats_rows: int | None = option(None, "Training pairs scored after training for reward_mean/std (null: all).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stats_rows is not None and self.stats_rows < 1:
+            raise ConfigError(f"stats_rows: expected at least 1 or null, got {self.stats_rows}")
 
 
-def save_config(cfg: Any, run_dir: str | Path) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(out)
-    return out
+@dataclass
+class DPOConfig(SFTConfig):
+    data: DataConfig = option(DataConfig(format="preference"), "Preference pairs (prompt, chosen, rejected).")
+    beta: float = option(0.1, "DPO beta: how far the policy may move from the reference.")
+    loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", "DPO (sigmoid) or IPO loss.")
+    label_smoothing: float = option(0.0, "Conservative DPO label smoothing (0: plain DPO).")
+    reference: ModelConfig = section(ModelConfig, "The frozen reference (usually the SFT model).")
+    reference_is_policy: bool = option(True, "Use the starting policy (model.path, model.dtype) as the reference; false: use reference.*.")
+    reference_cpus: float = option(0.0, "Ray CPUs reserved for the ReferenceServer.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise ConfigError(f"beta: expected a positive number, got {self.beta}")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ConfigError(f"label_smoothing: expected 0 <= x <= 0.5, got {self.label_smoothing}")
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ConfigError("label_smoothing: conservative DPO needs loss_type=sigmoid "
+                              "(IPO has no label smoothing)")
+
+
+@dataclass
+class DoctorConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The tiny model used for the round trip.")
+
+
+# --------------------------------------------------------------------------- online recipes
+
+
+@dataclass
+class KLConfig:
+    coef: float = option(0.05, "KL penalty coefficient beta (initial value when adaptive).")
+    mode: Literal["reward", "loss"] = option("reward", "Apply KL shaped into the token rewards, or as a loss term.")
+    estimator: Literal["k1", "k2", "k3"] = option("k1", "KL estimator (k1 in the reward, k3 as a loss is usual).")
+    adaptive: bool = option(False, "Adapt beta toward target (Ziegler et al. controller).")
+    target: float = option(6.0, "Target KL per episode for the adaptive controller.")
+    horizon: int = option(10000, "Adaptive controller horizon in episodes.")
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The policy to train (usually the SFT model).")
+    reference: str | None = option(None, "Frozen reference model (null: the starting policy).")
+    value_model: str | None = option(None, "Value model init for gae (null: the policy's backbone).")
+    data: DataConfig = option(DataConfig(format="prompt", template="chat"), "Prompts (format: prompt).")
+    sampling: SamplingConfig = option(SamplingConfig(n=4), "Sampling; sampling.n is the group size.")
+    rollout: RolloutConfig = section(RolloutConfig, "vLLM rollout workers.")
+    reward: RewardConfig = option(RewardConfig(function="arithmetic"), "Episode rewards.")
+    learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners.")
+    optim: OptimConfig = section(OptimConfig, "Policy optimizer.")
+    value_lr: float = option(1e-5, "Value-model learning rate (gae only).")
+    value_warmup_steps: int = option(0, "First N steps train only the value model (gae only); the policy waits for a useful critic.")
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = option("grpo", "Advantage estimator; gae trains a value model.")
+    steps: int = option(10, "Policy versions to train (one rollout batch each).")
+    prompts_per_step: int = option(8, "Prompts per rollout batch (episodes = prompts * sampling.n).")
+    ppo_epochs: int = option(1, "Passes over each rollout batch.")
+    mini_batches: int = option(1, "Optimizer steps per pass (the batch is split into this many).")
+    clip_eps: float = option(0.2, "PPO ratio clip.")
+    clip_eps_high: float | None = option(None, "Upper ratio clip (null: clip_eps).")
+    dual_clip: float | None = option(None, "Dual-clip constant c > 1 for negative advantages (null: off).")
+    value_clip_eps: float | None = option(0.2, "Value clip around the old values (null: off).")
+    gamma: float = option(1.0, "Discount.")
+    lam: float = option(0.95, "GAE lambda.")
+    kl: KLConfig = section(KLConfig, "KL penalty against the frozen reference.")
+    max_staleness: int = option(0, "Policy versions generation may run ahead of training (0: on-policy).")
+    chunk_size: int = option(4, "Prompts per generate call; finished chunks are scored while others generate.")
+    eval_every: int = option(0, "Held-out evaluation every N steps (0: only first and last).")
+    eval_prompts: int = option(32, "Held-out prompts per evaluation (greedy).")
+    eval_samples: int = option(0, "Samples per held-out prompt for eval/score_sampled (0: sampling.n).")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+
+    def validate(self) -> None:
+        if self.advantage in ("grpo", "rloo") and self.sampling.n < 2:
+            raise ConfigError(f"advantage={self.advantage} needs sampling.n >= 2 (a group per prompt), "
+                              f"got {self.sampling.n}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness: expected >= 0, got {self.max_staleness}")
+        if self.prompts_per_step < 1 or self.steps < 1 or self.chunk_size < 1:
+            raise ConfigError("steps, prompts_per_step and chunk_size must be at least 1")
+        if not (self.reward.model or self.reward.function):
+            raise ConfigError("reward: set reward.model, reward.function or both")
+        if self.value_warmup_steps and self.advantage != "gae":
+            raise ConfigError(f"value_warmup_steps: only advantage=gae has a value model, "
+                              f"got advantage={self.advantage}")
+        if self.eval_samples < 0:
+            raise ConfigError(f"eval_samples: expected >= 0 (0: sampling.n), got {self.eval_samples}")
+        if not 0 <= self.value_warmup_steps < self.steps:
+            raise ConfigError(f"value_warmup_steps: expected 0 <= value_warmup_steps < steps={self.steps}, "
+                              f"got {self.value_warmup_steps}")
+
+
+@dataclass
+class RSConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The policy to improve (usually the SFT model).")
+    data: DataConfig = option(DataConfig(format="prompt", template="chat"), "Prompts (format: prompt).")
+    sampling: SamplingConfig = option(SamplingConfig(n=4), "Sampling; sampling.n responses per prompt.")
+    rollout: RolloutConfig = section(RolloutConfig, "vLLM rollout workers.")
+    reward: RewardConfig = option(RewardConfig(function="arithmetic"), "Scores the n samples.")
+    learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners (SFT on the kept set).")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    rounds: int = option(2, "Rounds of sample -> keep best -> fine-tune -> sync.")
+    prompts_per_round: int = option(32, "Prompts sampled each round.")
+    threshold: float | None = option(None, "Keep a prompt's best response only if it scores at least this (null: always).")
+    epochs: int = option(1, "SFT passes over each round's kept set.")
+    batch_size: int = option(16, "Sequences per optimizer step.")
+    eval_prompts: int = option(32, "Held-out prompts per evaluation (greedy).")
+    eval_samples: int = option(0, "Samples per held-out prompt for eval/score_sampled (0: sampling.n).")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints (save_every counts rounds).")
+
+    def validate(self) -> None:
+        if self.sampling.n < 2:
+            raise ConfigError(f"sampling.n: rejection sampling needs at least 2 samples per prompt, got {self.sampling.n}")
+        if self.rounds < 1 or self.prompts_per_round < 1 or self.batch_size < 1:
+            raise ConfigError("rounds, prompts_per_round and batch_size must be at least 1")
+        if self.eval_samples < 0:
+            raise ConfigError(f"eval_samples: expected >= 0 (0: sampling.n), got {self.eval_samples}")
+
+
+@dataclass
+class PrefsConfig(RunConfig):
+    model: ModelConfig = section(ModelConfig, "The policy that writes the candidate responses.")
+    data: DataConfig = option(DataConfig(format="prompt", template="chat"), "Prompts, or preference rows for judge=labels.")
+    sampling: SamplingConfig = option(SamplingConfig(n=4), "sampling.n candidates per prompt.")
+    rollout: RolloutConfig = section(RolloutConfig, "vLLM rollout workers.")
+    judge: Literal["reward", "labels"] = option("reward", "reward: the RewardServer picks best/worst; labels: pairs already on disk.")
+    reward: RewardConfig = option(RewardConfig(function="arithmetic"), "The judge (reward function and/or model).")
+    split: Literal["train", "heldout", "all"] = option("train", "Which split of the prompts to use.")
+    min_margin: float = option(0.0, "Skip a prompt unless best - worst score exceeds this (ties never make pairs).")
+
+    def validate(self) -> None:
+        if self.judge == "reward" and self.sampling.n < 2:
+            raise ConfigError(f"sampling.n: a judge needs at least 2 candidates per prompt, got {self.sampling.n}")
+        if self.judge == "labels" and self.data.format != "preference":
+            raise ConfigError("judge=labels reads existing pairs: set data.format=preference")
+
+
+STAGES = ("sft", "prefs", "rm", "rs", "ppo", "dpo")
+
+
+@dataclass
+class PipelineConfig(RunConfig):
+    """SFT -> prefs -> RM -> RS -> PPO, with a DPO branch from the SFT model, on one Ray.
+
+    The root's ``ray`` and ``logging`` sections apply to every stage."""
+
+    model: ModelConfig = section(ModelConfig, "The pretrained model the pipeline starts from.")
+    stages: list[str] = option(list(STAGES), "Stages to run, in pipeline order (a subset of sft prefs rm rs ppo dpo).")
+    eval_data: DataConfig = option(DataConfig(format="prompt", template="alpaca"), "Held-out task prompts every stage's model is scored on.")
+    eval_checker: str = option("arithmetic", "Exact-answer checker that scores the held-out task.")
+    eval_prompts: int = option(64, "Held-out prompts in the final comparison.")
+    eval_max_new_tokens: int = option(48, "Greedy tokens per held-out answer.")
+    sft: SFTConfig = section(SFTConfig, "Stage 1: supervised fine-tuning (from model).")
+    prefs: PrefsConfig = section(PrefsConfig, "Stage 2: preference pairs written by the SFT model.")
+    rm: RMConfig = section(RMConfig, "Stage 3: reward model on the pairs (initialised from the SFT model).")
+    rs: RSConfig = section(RSConfig, "Stage 4: rejection sampling from the SFT model, scored by the RM.")
+    ppo: PPOConfig = section(PPOConfig, "Stage 5: PPO from the RS model, reference = SFT, reward = RM.")
+    dpo: DPOConfig = section(DPOConfig, "Branch: DPO from the SFT model on the same pairs.")
+
+    def validate(self) -> None:
+        if self.resume == "auto":
+            raise ConfigError("resume=auto: the pipeline keeps no checkpoints of its own, so it cannot "
+                              "resume; rerun it with resume=never")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown {unknown}; choices: {', '.join(STAGES)}")
+        order = [s for s in STAGES if s in self.stages]
+        if order != list(self.stages):
+            raise ConfigError(f"stages: must follow the pipeline order {', '.join(STAGES)}; got {self.stages}")

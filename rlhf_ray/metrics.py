@@ -13,18 +13,12 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
 
-from rlhf_ray.configs import LoggingConfig
+from rlhf_ray.config import LoggingConfig
+from rlhf_ray.files import write_json_atomic, write_jsonl_atomic
 
 NAMESPACES = ("rollout", "reward", "policy", "value", "kl", "perf", "eval", "train", "sync",
               "data", "dpo", "rm", "sft", "rs", "prefs")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 class RunLogger:
@@ -89,9 +83,7 @@ class RunLogger:
         return {"history": list(self.history), "first": dict(self.first), "final": dict(self.final)}
 
     def _rewrite(self) -> None:
-        tmp = self.metrics_file.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps({"step": step, **m}) + "\n" for step, m in self.history))
-        tmp.replace(self.metrics_file)
+        write_jsonl_atomic(self.metrics_file, ({"step": step, **m} for step, m in self.history))
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -111,6 +103,12 @@ class RunLogger:
             "wall_s": round(time.time() - self.start, 3),
             **(extra or {}),
         }
+
+    def close(self) -> None:
+        """Close W&B if ``finish`` did not (a run that stopped on an error)."""
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)
+            self.wandb = None
 
     def finish(self, outputs: dict[str, str], extra: dict | None = None) -> dict:
         """Write ``summary.json`` and close W&B; returns the summary."""

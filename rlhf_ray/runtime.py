@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from rlhf_ray.configs import RayConfig
+from rlhf_ray.config import RayConfig
 
 # Set for every worker process; each value can be overridden by the user's environment.
 WORKER_ENV = {

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ray.config import ConfigError, build_config, describe, to_dict
-from rlhf_ray.configs import SFTConfig
+from rlhf_ray.config_loader import ConfigError, build_config, describe, to_dict
+from rlhf_ray.config import SFTConfig
 from rlhf_ray.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +181,7 @@ def test_smollm2_greedy_tokens_agree_in_transformers_and_vllm(smollm2):
 
 
 def test_generate_recipe_on_tiny_model(ray_local, tiny_llama, tmp_path):
-    from rlhf_ray.configs import GenerateConfig
+    from rlhf_ray.config import GenerateConfig
     from rlhf_ray.recipes import generate
 
     cfg = build_config(GenerateConfig, ROOT / "launch" / "configs" / "generate_tiny.yaml",

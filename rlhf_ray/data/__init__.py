@@ -50,7 +50,6 @@ from rlhf_ray.data.formats import (
     parse_row,
     row_to_dict,
 )
-from rlhf_ray.data.inspect import inspect_main
 from rlhf_ray.data.load import (
     LoadedData,
     heldout_score,
@@ -102,7 +101,7 @@ __all__ = [
     "ValidationReport", "alpaca_prompt", "block_causal_mask", "check_arithmetic", "check_counting",
     "check_gsm8k", "check_lengths", "check_numeric", "check_sorting", "collate_packed",
     "collate_preference", "collate_prompts", "collate_sft", "eos_id", "extract_list",
-    "extract_number", "generate", "heldout_score", "inspect_main", "is_builtin", "load_rows",
+    "extract_number", "generate", "heldout_score", "is_builtin", "load_rows",
     "load_tokenizer", "pack_sft", "pad_id", "parse_row", "preference_examples", "prompt_examples",
     "prompt_key", "prompt_text", "sft_examples", "read_builtin",
     "read_file", "read_source", "render_preference", "render_sft", "row_lengths", "row_to_dict",

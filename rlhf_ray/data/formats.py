@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from rlhf_ray.errors import UserError
+
 Format = Literal["instruction", "conversation", "prompt", "preference"]
 FORMATS: tuple[str, ...] = ("instruction", "conversation", "prompt", "preference")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -52,7 +54,7 @@ NON_EMPTY = "a non-empty string"
 MESSAGES = "a non-empty list of {role, content} messages"
 
 
-class RowError(ValueError):
+class RowError(UserError, ValueError):
     """One record is invalid. ``field`` is the offending field (``None`` for the whole row)."""
 
     def __init__(self, field: str | None, reason: str) -> None:

@@ -60,7 +60,7 @@ def inspect_main(path: str, format: str, tokenizer: str | None, max_length: int,
                  skip_invalid: bool, template: str) -> int:
     """Print statistics of a data file (or built-in source); non-zero if a row is invalid
     and ``skip_invalid`` is off. Wired to ``rlhf-ray data inspect``."""
-    from rlhf_ray.configs import DataConfig
+    from rlhf_ray.config import DataConfig
 
     if format not in FORMATS:
         print(f"error: --format: expected one of {', '.join(FORMATS)}, got {format!r}", file=sys.stderr)

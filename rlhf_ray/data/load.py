@@ -1,4 +1,4 @@
-"""Loading a :class:`~rlhf_ray.configs.DataConfig` into validated, typed rows of one split.
+"""Loading a :class:`~rlhf_ray.config.DataConfig` into validated, typed rows of one split.
 
 Pipeline of :func:`load_rows`:
 

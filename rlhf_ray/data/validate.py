@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_ray.data.formats import PROMPT_FIELD, Row, RowError, format_of, parse_row, row_key
+from rlhf_ray.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Invalid data; the message names the source, the row and the field when they are known."""
 
     def __init__(self, source: str, reason: str, row: int | None = None,

@@ -1,8 +1,17 @@
 """Recipes: one file per job, each ``run(cfg)`` a readable loop; ``RECIPES`` maps a recipe
 name to its config tree (the CLI offers every name here whose module exists)."""
 
-from rlhf_ray.configs import DoctorConfig, DPOConfig, GenerateConfig, RMConfig, SFTConfig
-from rlhf_ray.configs_online import PipelineConfig, PPOConfig, PrefsConfig, RSConfig
+from rlhf_ray.config import (
+    DoctorConfig,
+    DPOConfig,
+    GenerateConfig,
+    PipelineConfig,
+    PPOConfig,
+    PrefsConfig,
+    RMConfig,
+    RSConfig,
+    SFTConfig,
+)
 
 RECIPES: dict[str, type] = {
     "generate": GenerateConfig,

@@ -26,18 +26,17 @@ starting point with the result directly.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import PreferenceBatch, SequenceBatch
-from rlhf_ray.configs import DPOConfig
+from rlhf_ray.config import DPOConfig
 from rlhf_ray.data import load_tokenizer, pad_id, preference_examples
+from rlhf_ray.driver import batches
+from rlhf_ray.driver import learners as learner_calls
+from rlhf_ray.driver.run import Run
 from rlhf_ray.losses import dpo_loss
-from rlhf_ray.recipes import common
-from rlhf_ray.runtime import ray_session, worker_env
-from rlhf_ray.workers.group import WorkerGroup, WorkerResources
-from rlhf_ray.workers.reference import ReferenceServer
+from rlhf_ray.workers.group import WorkerGroup
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -47,54 +46,53 @@ def run(cfg: DPOConfig) -> dict:
 
     # 1. data
     tokenizer = load_tokenizer(model_path)
-    train, heldout, stats = common.load_splits(preference_examples, cfg, tokenizer, "dpo")
+    train, heldout, stats = batches.load_splits(preference_examples, cfg, tokenizer, "dpo")
     pad = pad_id(tokenizer)
     train = [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in train]
     heldout = [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in heldout]
-    total = common.total_steps(cfg, len(train))
-    per_epoch = len(train) // cfg.batch_size
-    data_id = common.fingerprint(train)
+    total = batches.total_steps(cfg, len(train))
 
     def batch_at(step: int) -> PreferenceBatch:
-        rows = common.batch_indices(len(train), cfg.batch_size, cfg.seed, step)
-        return common.preference_batch([train[i] for i in rows], pad)
+        rows = batches.batch_indices(len(train), cfg.batch_size, cfg.seed, step)
+        return batches.preference_batch([train[i] for i in rows], pad)
 
-    # 2. run folder
-    log, resume_from = common.open_run(cfg, "dpo", data_id, {
-        "data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
-        "data/dropped": stats.dropped, "data/truncated": stats.truncated})
-
-    # 3. learners (restored with resume=auto) and the frozen reference
-    with ray_session(cfg.ray, worker_env()), common.learner_group(
-            cfg, model_path, "causal_lm", total, log, resume_from) as (learners, start), \
-            _reference_server(cfg, *reference, log) as ref:
+    # 2. run folder; 3. learners (restored with resume=auto) and the frozen reference
+    with Run(cfg, "dpo", data_fingerprint=batches.fingerprint(train)) as run:
+        with run.phase("start"):
+            learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
+                                          total_steps=total, seed=cfg.seed)
+            ref = run.roles.reference(*reference, micro_batch_size=cfg.learner.micro_batch_size,
+                                      cpus=cfg.reference_cpus)
+        start = run.restore(learners)
+        if start == 0:
+            run.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
+                     "data/dropped": stats.dropped, "data/truncated": stats.truncated}, 0)
         # 4. held-out reference log-probs; held-out metrics before training
-        eval_batch = next(_with_reference(ref, [common.preference_batch(heldout, pad)], log)) \
+        eval_batch = next(_with_reference(run, ref, [batches.preference_batch(heldout, pad)])) \
             if heldout else None
         if start == 0:
-            _evaluate(learners, eval_batch, cfg, log, 0)
+            _evaluate(run, learners, eval_batch, cfg, 0)
 
         # 5. train
-        bar = common.progress(cfg, "dpo", start, total)
-        batches = _with_reference(ref, (batch_at(s) for s in range(start, total)), log)
-        for step, batch in zip(common.steps(start, total, bar), batches):
-            with log.phase("train"):
-                metrics = common.train_step(learners, "dpo_step", batch, cfg.beta, cfg.loss_type,
-                                            cfg.label_smoothing, len(batch))
-            log.log(metrics, step + 1)
-            common.show(bar, metrics, "dpo/loss", "dpo/accuracy", "dpo/margin")
-            if common.eval_due(cfg, step + 1, total):
-                _evaluate(learners, eval_batch, cfg, log, step + 1)
-            if common.checkpoint_due(cfg, step + 1, total):
-                common.save_checkpoint(cfg, learners, log, step + 1, per_epoch, data_id)
+        with_ref = _with_reference(run, ref, (batch_at(s) for s in range(start, total)))
+        for step, batch in zip(run.steps(start, total), with_ref):
+            with run.phase("train"):
+                metrics = learner_calls.train_step(learners, "dpo_step", batch, cfg.beta,
+                                                   cfg.loss_type, cfg.label_smoothing, len(batch))
+            run.log(metrics, step + 1)
+            run.show(metrics, "dpo/loss", "dpo/accuracy", "dpo/margin")
+            if run.eval_due(step + 1, total):
+                _evaluate(run, learners, eval_batch, cfg, step + 1)
+            if run.checkpoint_due(step + 1, total):
+                run.save_checkpoint(learners, step + 1)
 
         # 6. held-out metrics after training, export
-        _evaluate(learners, eval_batch, cfg, log, total)
-        with log.phase("export"):
-            model_dir = common.export(learners, cfg.run_dir)
-
-    summary = common.finish(cfg, log, model_dir, ["dpo/loss", "dpo/margin", "eval/accuracy",
-                                                   "eval/logp_accuracy"], start, total, resume_from)
+        _evaluate(run, learners, eval_batch, cfg, total)
+        with run.phase("export"):
+            model_dir = learner_calls.export(learners, cfg.run_dir)
+        summary = run.finish({"model": model_dir}, {"steps": total, "start_step": start},
+                             plot=(["dpo/loss", "dpo/margin", "eval/accuracy", "eval/logp_accuracy"],
+                                   f"dpo: {run.run_dir.name}"))
     _report(summary)
     return summary
 
@@ -102,39 +100,24 @@ def run(cfg: DPOConfig) -> dict:
 # --------------------------------------------------------------------------- the reference
 
 
-@contextlib.contextmanager
-def _reference_server(cfg: DPOConfig, path: str, dtype: str, log) -> Iterator[WorkerGroup]:
-    """One ReferenceServer for the run, shut down on exit."""
-    with log.phase("start"):
-        group = WorkerGroup(ReferenceServer, "reference", 1,
-                            args=(path, dtype, cfg.learner.micro_batch_size),
-                            resources=WorkerResources(num_cpus=cfg.reference_cpus),
-                            timeout_s=cfg.ray.call_timeout_s,
-                            start_timeout_s=cfg.ray.start_timeout_s)
-    try:
-        yield group
-    finally:
-        group.shutdown()
-
-
-def _with_reference(ref: WorkerGroup, batches: Iterable[PreferenceBatch],
-                    log) -> Iterator[PreferenceBatch]:
+def _with_reference(run: Run, ref: WorkerGroup,
+                    pref_batches: Iterable[PreferenceBatch]) -> Iterator[PreferenceBatch]:
     """Fill each batch's summed reference log-probs of its chosen and rejected responses.
     The request for the next batch is sent before this one is handed out, so the reference
     works while the learners train (the ``reference`` phase is the time spent waiting)."""
     pending = None
-    for batch in batches:
+    for batch in pref_batches:
         refs = [ref.submit(0, "sequence_logps", batch.chosen),
                 ref.submit(0, "sequence_logps", batch.rejected)]
         if pending is not None:
-            yield _filled(ref, *pending, log)
+            yield _filled(run, ref, *pending)
         pending = (batch, refs)
     if pending is not None:
-        yield _filled(ref, *pending, log)
+        yield _filled(run, ref, *pending)
 
 
-def _filled(ref: WorkerGroup, batch: PreferenceBatch, refs: list, log) -> PreferenceBatch:
-    with log.phase("reference"):
+def _filled(run: Run, ref: WorkerGroup, batch: PreferenceBatch, refs: list) -> PreferenceBatch:
+    with run.phase("reference"):
         batch.ref_chosen_logps, batch.ref_rejected_logps = ref.get(refs, [0, 0], "sequence_logps")
     return batch
 
@@ -144,18 +127,18 @@ def _filled(ref: WorkerGroup, batch: PreferenceBatch, refs: list, log) -> Prefer
 
 def _policy_logps(learners, side: SequenceBatch):
     """(B,) summed policy log-probs of each response."""
-    return (common.infer(learners, "forward_logprobs", side) * side.response_mask).sum(-1)
+    return (learner_calls.infer(learners, "forward_logprobs", side) * side.response_mask).sum(-1)
 
 
-def _evaluate(learners, batch: PreferenceBatch | None, cfg: DPOConfig, log, step: int) -> None:
+def _evaluate(run: Run, learners, batch: PreferenceBatch | None, cfg: DPOConfig, step: int) -> None:
     if batch is None:
         return
-    with log.phase("eval"):
+    with run.phase("eval"):
         chosen = _policy_logps(learners, batch.chosen)
         rejected = _policy_logps(learners, batch.rejected)
     out = dpo_loss(chosen, rejected, batch.ref_chosen_logps, batch.ref_rejected_logps, cfg.beta,
                    cfg.loss_type, cfg.label_smoothing)
-    log.log({"eval/loss": float(out.loss), "eval/accuracy": float(out.accuracy),
+    run.log({"eval/loss": float(out.loss), "eval/accuracy": float(out.accuracy),
              "eval/margin": float(out.margins.mean()),
              "eval/chosen_rewards": float(out.chosen_rewards.mean()),
              "eval/rejected_rewards": float(out.rejected_rewards.mean()),

@@ -7,68 +7,54 @@
 3. Spread the prompts over the workers; each samples ``sampling.n`` responses per prompt.
 4. Score each worker's episodes as soon as that worker finishes.
 5. Write ``episodes.jsonl`` and ``summary.json`` to ``run_dir``.
+generate keeps no checkpoints: ``resume=auto`` is refused, and a rerun rewrites its outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
 from rlhf_ray.assets import resolve_model
-from rlhf_ray.config import save_config, to_dict
-from rlhf_ray.configs import GenerateConfig
+from rlhf_ray.config import GenerateConfig
 from rlhf_ray.data import load_tokenizer
-from rlhf_ray.metrics import RunLogger
-from rlhf_ray.recipes import online
-from rlhf_ray.runtime import ray_session, worker_env
+from rlhf_ray.driver.prompts import load_prompts
+from rlhf_ray.driver.run import Run
+from rlhf_ray.files import write_jsonl_atomic
 
 
 def run(cfg: GenerateConfig) -> dict:
-    run_dir = Path(cfg.run_dir)
-    save_config(cfg, run_dir)
-    log = RunLogger(run_dir, cfg.logging, to_dict(cfg), "generate")
-    model_path = resolve_model(cfg.model.path, role="rollout")
-
-    # 1. prompts
-    with log.phase("data"):
-        tokenizer = load_tokenizer(model_path)
-        prompts = online.load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, cfg.split)
-    scoring = bool(cfg.reward.model or cfg.reward.function)
-
-    with ray_session(cfg.ray, worker_env(cfg.rollout.kv_cache_gib)):
+    with Run(cfg, "generate", resumable=None, kv_cache_gib=cfg.rollout.kv_cache_gib) as run:
+        model_path = resolve_model(cfg.model.path, role="rollout")
+        # 1. prompts
+        with run.phase("data"):
+            prompts = load_prompts(cfg.data, load_tokenizer(model_path), cfg.rollout.max_model_len,
+                                   cfg.split)
+        scoring = bool(cfg.reward.model or cfg.reward.function)
         # 2. workers
-        with log.phase("start"):
-            rollouts = online.start_rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed, cfg.ray)
-            reward = online.start_reward(cfg.reward, cfg.ray) if scoring else None
-        try:
-            # 3-4. generate, score as each worker finishes
-            with log.phase("generate"):
-                episodes = _generate_and_score(cfg, prompts, rollouts, reward)
-        finally:
-            rollouts.shutdown()
-            if reward is not None:
-                reward.shutdown()
-
-    # 5. outputs
-    out = run_dir / "episodes.jsonl"
-    with out.open("w") as f:
-        for e in episodes:
-            f.write(json.dumps({k: v for k, v in dataclasses.asdict(e).items()
-                                if k not in ("prompt_ids", "response_ids", "logprobs")}) + "\n")
-    lengths = [len(e.response_ids) for e in episodes]
-    metrics = {"rollout/episodes": len(episodes), "rollout/response_len_mean": sum(lengths) / len(lengths),
-               "rollout/truncated_frac": sum(e.finish_reason == "length" for e in episodes) / len(episodes),
-               "data/prompts": len(prompts), "perf/gen_s": log.phases["generate"],
-               "perf/tokens_per_s": sum(lengths) / max(log.phases["generate"], 1e-9)}
-    if scoring:
-        scores = [e.score for e in episodes]
-        metrics["reward/mean"] = sum(scores) / len(scores)
-    log.log(metrics, step=0)
-    summary = log.finish({"episodes": str(out), "config": str(run_dir / "config.yaml")})
+        with run.phase("start"):
+            rollouts = run.roles.rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+            reward = run.roles.reward(cfg.reward) if scoring else None
+        # 3-4. generate, score as each worker finishes
+        with run.phase("generate"):
+            episodes = _generate_and_score(cfg, prompts, rollouts, reward)
+        run.roles.shutdown()
+        # 5. outputs
+        out = write_jsonl_atomic(run.run_dir / "episodes.jsonl", [
+            {k: v for k, v in dataclasses.asdict(e).items()
+             if k not in ("prompt_ids", "response_ids", "logprobs")} for e in episodes])
+        lengths = [len(e.response_ids) for e in episodes]
+        gen_s = run.logger.phases["generate"]
+        metrics = {"rollout/episodes": len(episodes), "rollout/response_len_mean": sum(lengths) / len(lengths),
+                   "rollout/truncated_frac": sum(e.finish_reason == "length" for e in episodes) / len(episodes),
+                   "data/prompts": len(prompts), "perf/gen_s": gen_s,
+                   "perf/tokens_per_s": sum(lengths) / max(gen_s, 1e-9)}
+        if scoring:
+            metrics["reward/mean"] = sum(e.score for e in episodes) / len(episodes)
+        run.log(metrics, step=0)
+        summary = run.finish({"episodes": str(out)})
     print(f"generate: {len(episodes)} episodes -> {out}"
           + (f"; mean reward {metrics['reward/mean']:.3f}" if scoring else ""))
     return summary

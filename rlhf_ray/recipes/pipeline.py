@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 
 from rlhf_ray.assets import resolve_model
-from rlhf_ray.config import save_config
-from rlhf_ray.configs_online import PipelineConfig
+from rlhf_ray.config import PipelineConfig, RewardConfig
+from rlhf_ray.config_loader import save_config
 from rlhf_ray.data import load_tokenizer
-from rlhf_ray.metrics import write_json_atomic
-from rlhf_ray.recipes import online
+from rlhf_ray.driver.evaluation import heldout_score
+from rlhf_ray.driver.prompts import load_prompts
+from rlhf_ray.driver.roles import Roles
+from rlhf_ray.files import write_json_atomic
 from rlhf_ray.report import stage_scores_plot, write_report
 from rlhf_ray.runtime import MemoryMonitor, ray_session, worker_env
 
@@ -104,22 +106,17 @@ def _score_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, floa
     import ray
     from safetensors.torch import load_file
 
-    from rlhf_ray.configs import RewardConfig
-
     tokenizer = load_tokenizer(models["base"])
     rollout_cfg = dataclasses.replace(cfg.rs.rollout, num_workers=1)
-    prompts = online.load_prompts(cfg.eval_data, tokenizer, rollout_cfg.max_model_len, "heldout")[: cfg.eval_prompts]
-    rollouts = online.start_rollouts(models["base"], rollout_cfg, cfg.model.dtype, cfg.seed, cfg.ray)
-    reward = online.start_reward(RewardConfig(function=cfg.eval_checker), cfg.ray)
+    prompts = load_prompts(cfg.eval_data, tokenizer, rollout_cfg.max_model_len, "heldout")[: cfg.eval_prompts]
     scores = {}
-    try:
+    with Roles(cfg.ray) as roles:
+        rollouts = roles.rollouts(models["base"], rollout_cfg, cfg.model.dtype, cfg.seed)
+        reward = roles.reward(RewardConfig(function=cfg.eval_checker))
         for version, (name, path) in enumerate(models.items()):
             if version:
                 state = load_file(str(Path(path) / "model.safetensors"))
                 rollouts.call("load_weights", version, [ray.put(state)])
-            scores[name] = online.heldout_score(rollouts, reward, prompts, cfg.eval_max_new_tokens)["eval/score"]
+            scores[name] = heldout_score(rollouts, reward, prompts, cfg.eval_max_new_tokens)["eval/score"]
             print(f"pipeline: held-out score of {name}: {scores[name]:.3f}")
-    finally:
-        reward.shutdown()
-        rollouts.shutdown()
     return scores

@@ -26,10 +26,12 @@ from pathlib import Path
 
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import PreferenceBatch, SequenceBatch
-from rlhf_ray.configs import RMConfig
+from rlhf_ray.config import RMConfig
 from rlhf_ray.data import DataError, TokenizeStats, load_rows, load_tokenizer, pad_id, prompt_text
-from rlhf_ray.recipes import common
-from rlhf_ray.runtime import ray_session, worker_env
+from rlhf_ray.driver import batches
+from rlhf_ray.driver import learners as learner_calls
+from rlhf_ray.driver.run import Run
+from rlhf_ray.files import write_json_atomic
 
 Pair = tuple[list[int], list[int], int, int]  # chosen ids, rejected ids, their prompt lengths
 
@@ -39,50 +41,47 @@ def run(cfg: RMConfig) -> dict:
 
     # 1. data: prompt_text + response, as the RewardServer scores it
     tokenizer = load_tokenizer(model_path)
-    train, heldout, stats = common.load_splits(reward_pairs, cfg, tokenizer, "rm")
+    train, heldout, stats = batches.load_splits(reward_pairs, cfg, tokenizer, "rm")
     pad = pad_id(tokenizer)
-    total = common.total_steps(cfg, len(train))
-    per_epoch = len(train) // cfg.batch_size
-    data_id = common.fingerprint(train)
+    total = batches.total_steps(cfg, len(train))
     eval_batch = pair_batch(heldout, pad) if heldout else None
 
-    # 2. run folder
-    log, resume_from = common.open_run(cfg, "rm", data_id, {
-        "data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
-        "data/dropped": stats.dropped, "data/truncated": stats.truncated})
-
-    # 3. learners (restored from the last checkpoint with resume=auto)
-    with ray_session(cfg.ray, worker_env()), common.learner_group(
-            cfg, model_path, "reward", total, log, resume_from) as (learners, start):
-        # 4. held-out accuracy before training
+    # 2. run folder; 3. learners (restored from the last checkpoint with resume=auto)
+    with Run(cfg, "rm", data_fingerprint=batches.fingerprint(train)) as run:
+        with run.phase("start"):
+            learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
+                                          total_steps=total, seed=cfg.seed, model_kind="reward")
+        start = run.restore(learners)
         if start == 0:
-            _evaluate(learners, eval_batch, cfg.margin, log, 0)
+            run.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),
+                     "data/dropped": stats.dropped, "data/truncated": stats.truncated}, 0)
+            # 4. held-out accuracy before training
+            _evaluate(run, learners, eval_batch, cfg.margin, 0)
 
         # 5. train
-        bar = common.progress(cfg, "rm", start, total)
-        for step in common.steps(start, total, bar):
-            rows = common.batch_indices(len(train), cfg.batch_size, cfg.seed, step)
+        for step in run.steps(start, total):
+            rows = batches.batch_indices(len(train), cfg.batch_size, cfg.seed, step)
             batch = pair_batch([train[i] for i in rows], pad)
-            with log.phase("train"):
-                metrics = common.train_step(learners, "rm_step", batch, cfg.margin, len(batch))
-            log.log(metrics, step + 1)
-            common.show(bar, metrics, "rm/loss", "rm/accuracy")
-            if common.eval_due(cfg, step + 1, total):
-                _evaluate(learners, eval_batch, cfg.margin, log, step + 1)
-            if common.checkpoint_due(cfg, step + 1, total):
-                common.save_checkpoint(cfg, learners, log, step + 1, per_epoch, data_id)
+            with run.phase("train"):
+                metrics = learner_calls.train_step(learners, "rm_step", batch, cfg.margin, len(batch))
+            run.log(metrics, step + 1)
+            run.show(metrics, "rm/loss", "rm/accuracy")
+            if run.eval_due(step + 1, total):
+                _evaluate(run, learners, eval_batch, cfg.margin, step + 1)
+            if run.checkpoint_due(step + 1, total):
+                run.save_checkpoint(learners, step + 1)
 
         # 6. held-out accuracy after training; reward statistics; export
-        _evaluate(learners, eval_batch, cfg.margin, log, total)
-        with log.phase("reward_stats"):
+        _evaluate(run, learners, eval_batch, cfg.margin, total)
+        with run.phase("reward_stats"):
             mean, std = _reward_stats(learners, train[: cfg.stats_rows], pad)
-        log.log({"rm/reward_mean": mean, "rm/reward_std": std}, total)
-        with log.phase("export"):
-            model_dir = common.export(learners, cfg.run_dir)
+        run.log({"rm/reward_mean": mean, "rm/reward_std": std}, total)
+        with run.phase("export"):
+            model_dir = learner_calls.export(learners, cfg.run_dir)
             _store_stats(model_dir, mean, std)
-
-    summary = common.finish(cfg, log, model_dir, ["rm/loss", "rm/accuracy", "eval/accuracy"],
-                            start, total, resume_from, {"reward_mean": mean, "reward_std": std})
+        summary = run.finish({"model": model_dir},
+                             {"steps": total, "start_step": start, "reward_mean": mean, "reward_std": std},
+                             plot=(["rm/loss", "rm/accuracy", "eval/accuracy"], f"rm: {run.run_dir.name}"))
     acc = summary["metrics"].get("eval/accuracy")
     before_after = f"held-out accuracy {acc['first']:.3f} -> {acc['final']:.3f}; " if acc else ""
     print(f"rm: {before_after}reward mean {mean:.3f} std {std:.3f}; model -> {model_dir}")
@@ -139,19 +138,19 @@ def _side(items: list[tuple[list[int], int]], pad: int) -> SequenceBatch:
 # --------------------------------------------------------------------------- evaluation, stats
 
 
-def _evaluate(learners, batch, margin: float, log, step: int) -> None:
+def _evaluate(run: Run, learners, batch, margin: float, step: int) -> None:
     """Held-out pairwise loss, accuracy, mean scores and margin (global over ranks)."""
     if batch is None:
         return
-    with log.phase("eval"):
-        log.log(common.call_sharded(learners, "evaluate", batch, "rm", margin=margin)[0], step)
+    with run.phase("eval"):
+        run.log(learner_calls.call_sharded(learners, "evaluate", batch, "rm", margin=margin)[0], step)
 
 
 def _reward_stats(learners, pairs: list[Pair], pad: int) -> tuple[float, float]:
     """Mean and (population) std of the scores of every training response."""
     texts = [c for c, _, _, _ in pairs] + [r for _, r, _, _ in pairs]
     batch = SequenceBatch.from_pairs([(ids[:1], ids[1:]) for ids in texts], pad)
-    scores = common.infer(learners, "forward_scores", batch).double()
+    scores = learner_calls.infer(learners, "forward_scores", batch).double()
     return float(scores.mean()), float(scores.std(unbiased=False).clamp_min(1e-6))
 
 
@@ -159,7 +158,5 @@ def _store_stats(model_dir: str, mean: float, std: float) -> None:
     path = Path(model_dir) / "config.json"
     config = json.loads(path.read_text())
     config.update({"reward_mean": mean, "reward_std": std})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, config, sort_keys=True)
 

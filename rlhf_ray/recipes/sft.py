@@ -17,10 +17,11 @@
 from __future__ import annotations
 
 from rlhf_ray.assets import resolve_model
-from rlhf_ray.configs import SFTConfig
+from rlhf_ray.config import SFTConfig
 from rlhf_ray.data import load_tokenizer, pad_id, sft_examples
-from rlhf_ray.recipes import common
-from rlhf_ray.runtime import ray_session, worker_env
+from rlhf_ray.driver import batches
+from rlhf_ray.driver import learners as learner_calls
+from rlhf_ray.driver.run import Run
 
 
 def run(cfg: SFTConfig) -> dict:
@@ -28,60 +29,57 @@ def run(cfg: SFTConfig) -> dict:
 
     # 1. data
     tokenizer = load_tokenizer(model_path)
-    train, heldout, stats = common.load_splits(sft_examples, cfg, tokenizer, "sft")
+    train, heldout, stats = batches.load_splits(sft_examples, cfg, tokenizer, "sft")
     pad = pad_id(tokenizer)
-    total = common.total_steps(cfg, len(train))
-    per_epoch = len(train) // cfg.batch_size
-    data_id = common.fingerprint([(e.input_ids, e.loss_mask) for e in train])
-    eval_batch = common.sequence_batch(heldout, pad) if heldout else None
+    total = batches.total_steps(cfg, len(train))
+    eval_batch = batches.sequence_batch(heldout, pad) if heldout else None
+    data_id = batches.fingerprint([(e.input_ids, e.loss_mask) for e in train])
 
-    # 2. run folder
-    log, resume_from = common.open_run(cfg, "sft", data_id, {
-        "data/train_examples": len(train), "data/heldout_examples": len(heldout),
-        "data/dropped": stats.dropped, "data/truncated": stats.truncated})
-
-    # 3. learners (restored from the last checkpoint with resume=auto)
-    with ray_session(cfg.ray, worker_env()), common.learner_group(
-            cfg, model_path, "causal_lm", total, log, resume_from) as (learners, start):
-        # 4. held-out loss before training
+    # 2. run folder (resume checks, config.yaml, W&B); 3. learners, restored with resume=auto
+    with Run(cfg, "sft", data_fingerprint=data_id) as run:
+        with run.phase("start"):
+            learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
+                                          total_steps=total, seed=cfg.seed)
+        start = run.restore(learners)
         if start == 0:
-            _evaluate(learners, eval_batch, log, 0)
+            run.log({"data/train_examples": len(train), "data/heldout_examples": len(heldout),
+                     "data/dropped": stats.dropped, "data/truncated": stats.truncated}, 0)
+            # 4. held-out loss before training
+            _evaluate(run, learners, eval_batch, 0)
 
         # 5. train
-        bar = common.progress(cfg, "sft", start, total)
-        for step in common.steps(start, total, bar):
-            rows = common.batch_indices(len(train), cfg.batch_size, cfg.seed, step)
-            batch = common.sequence_batch([train[i] for i in rows], pad)
-            with log.phase("train"):
-                metrics = common.train_step(learners, "sft_step", batch,
-                                            float(batch.response_mask.sum()),
-                                            cfg.loss_aggregation, len(batch))
-            log.log(metrics, step + 1)
-            common.show(bar, metrics, "policy/loss")
-            if common.eval_due(cfg, step + 1, total):
-                _evaluate(learners, eval_batch, log, step + 1)
-            if common.checkpoint_due(cfg, step + 1, total):
-                common.save_checkpoint(cfg, learners, log, step + 1, per_epoch, data_id)
+        for step in run.steps(start, total):
+            rows = batches.batch_indices(len(train), cfg.batch_size, cfg.seed, step)
+            batch = batches.sequence_batch([train[i] for i in rows], pad)
+            with run.phase("train"):
+                metrics = learner_calls.train_step(learners, "sft_step", batch,
+                                                   float(batch.response_mask.sum()),
+                                                   cfg.loss_aggregation, len(batch))
+            run.log(metrics, step + 1)
+            run.show(metrics, "policy/loss")
+            if run.eval_due(step + 1, total):
+                _evaluate(run, learners, eval_batch, step + 1)
+            if run.checkpoint_due(step + 1, total):
+                run.save_checkpoint(learners, step + 1)
 
         # 6. held-out loss after training, export
-        _evaluate(learners, eval_batch, log, total)
-        with log.phase("export"):
-            model_dir = common.export(learners, cfg.run_dir)
-
-    summary = common.finish(cfg, log, model_dir, ["policy/loss", "eval/loss", "policy/lr"],
-                            start, total, resume_from)
+        _evaluate(run, learners, eval_batch, total)
+        with run.phase("export"):
+            model_dir = learner_calls.export(learners, cfg.run_dir)
+        summary = run.finish({"model": model_dir}, {"steps": total, "start_step": start},
+                             plot=(["policy/loss", "eval/loss", "policy/lr"], f"sft: {run.run_dir.name}"))
     _report(summary)
     return summary
 
 
-def _evaluate(learners, batch, log, step: int) -> None:
+def _evaluate(run: Run, learners, batch, step: int) -> None:
     """Held-out token-mean loss and perplexity (global over ranks)."""
     if batch is None:
         return
-    with log.phase("eval"):
-        m = common.call_sharded(learners, "evaluate", batch, "sft", aggregation="token_mean")[0]
-    m["eval/perplexity"] = common.perplexity(m["eval/loss"])
-    log.log(m, step)
+    with run.phase("eval"):
+        m = learner_calls.call_sharded(learners, "evaluate", batch, "sft", aggregation="token_mean")[0]
+    m["eval/perplexity"] = learner_calls.perplexity(m["eval/loss"])
+    run.log(m, step)
 
 
 def _report(summary: dict) -> None:

@@ -22,8 +22,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf_ray.errors import UserError
 
-class WorkerError(RuntimeError):
+
+class WorkerError(UserError, RuntimeError):
     """A worker failed or timed out; the message names role, rank, node and cause."""
 
     def __init__(self, role: str, rank: int, node: str, cause: str):
@@ -48,7 +50,7 @@ class Worker:
 
     def node_info(self) -> dict:
         return {"ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
-                "pid": os.getpid(), "free_port": _free_port()}
+                "pid": os.getpid(), "free_port": free_port()}
 
     def set_rank_env(self, rank: int, world_size: int, master_addr: str, master_port: int,
                      local_rank: int) -> None:
@@ -62,7 +64,7 @@ class Worker:
         return {"role": self.role, "pid": os.getpid(), "ok": True}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]

@@ -30,11 +30,11 @@ from typing import Literal
 
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
-from rlhf_ray.configs import LearnerConfig, OptimConfig
+from rlhf_ray.config import LearnerConfig, OptimConfig
 from rlhf_ray.models import load_model, sequence_scores
-from rlhf_ray.weight_sync import WeightSender
 from rlhf_ray.workers import learner_utils as lu
-from rlhf_ray.workers.group import Worker, _free_port
+from rlhf_ray.workers.group import Worker, free_port
+from rlhf_ray.workers.weight_sync import WeightSender
 
 ModelKind = Literal["causal_lm", "reward"]
 CLIENT_KEY = "rlhf_ray_client_state"  # ours, among DeepSpeed's own checkpoint entries
@@ -108,7 +108,7 @@ class LearnerWorker(WeightSender, Worker):
         import torch
 
         if "RANK" not in os.environ:  # a lone learner outside a distributed WorkerGroup
-            self.set_rank_env(0, 1, "127.0.0.1", _free_port(), 0)
+            self.set_rank_env(0, 1, "127.0.0.1", free_port(), 0)
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         backend = self.learner.backend
         if backend == "auto":

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
-from rlhf_ray.configs import LearnerConfig, OptimConfig
+from rlhf_ray.config import LearnerConfig, OptimConfig
 from rlhf_ray.losses import (
     dpo_loss,
     entropy_from_logits,

@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 
 from rlhf_ray.batch import Episode
-from rlhf_ray.configs import RewardConfig
+from rlhf_ray.config import RewardConfig
+from rlhf_ray.errors import UserError
 from rlhf_ray.workers.group import Worker
 
 RewardFn = Callable[[str, str, object], float]
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward function failed or returned a non-finite value; names function and episode."""
 
 

@@ -7,7 +7,7 @@ import time
 
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import Episode
-from rlhf_ray.configs import RolloutConfig, SamplingConfig
+from rlhf_ray.config import RolloutConfig, SamplingConfig
 from rlhf_ray.workers.group import Worker
 
 EXTENSION = "rlhf_ray.workers.vllm_ext.WeightLoaderExtension"

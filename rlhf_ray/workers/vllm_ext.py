@@ -20,7 +20,7 @@ class WeightLoaderExtension:
     def open_sync_group(self, master_addr: str, port: int, first_rank: int, world_size: int,
                         backend: str) -> bool:
         """Join the learner's weight-broadcast group; each tensor-parallel shard is one rank."""
-        from rlhf_ray.weight_sync import open_group
+        from rlhf_ray.workers.weight_sync import open_group
 
         rank = first_rank + int(getattr(self, "rank", 0))
         self._sync_group, self._sync_store = open_group(master_addr, port, rank, world_size, backend)
@@ -30,7 +30,7 @@ class WeightLoaderExtension:
         """Receive broadcast buckets and load them in place; returns the tensor count."""
         import torch
 
-        from rlhf_ray.weight_sync import broadcast_recv
+        from rlhf_ray.workers.weight_sync import broadcast_recv
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         metadata = [(name, dtype, list(shape)) for name, dtype, shape in metadata]

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from rlhf_ray.configs import DataConfig
+from rlhf_ray.config import DataConfig
 from rlhf_ray.data import (
     BUILTINS,
     CHECKERS,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.configs import DataConfig
+from rlhf_ray.config import DataConfig
 from rlhf_ray.data import DataError, InstructionRow, PreferenceRow, load_rows, read_file
 
 ROWS = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.configs import DataConfig
+from rlhf_ray.config import DataConfig
 from rlhf_ray.data import (
     IGNORE_INDEX,
     ConversationRow,

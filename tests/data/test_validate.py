@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.configs import DataConfig
+from rlhf_ray.config import DataConfig
 from rlhf_ray.data import DataError, load_rows
 
 BAD = Path(__file__).parent / "bad"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.config import build_config
+from rlhf_ray.config_loader import build_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "launch" / "configs"

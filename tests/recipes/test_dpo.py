@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_ray.assets import AssetError
-from rlhf_ray.config import ConfigError
+from rlhf_ray.config_loader import ConfigError
 
 
 def test_dpo_two_steps_with_reference_server(tiny_run, tiny_llama, tmp_path):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.config import ConfigError, build_config
-from rlhf_ray.configs_online import PipelineConfig
+from rlhf_ray.config_loader import ConfigError, build_config
+from rlhf_ray.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

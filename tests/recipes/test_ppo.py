@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ray.config import build_config
-from rlhf_ray.configs_online import PPOConfig
+from rlhf_ray.config_loader import build_config
+from rlhf_ray.config import PPOConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "launch" / "configs" / "ppo_tiny.yaml"
@@ -69,7 +69,7 @@ def test_gae_with_value_warmup_and_resume_mid_run(ray_local, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "value/loss" in r] == [1, 2, 3]
     # neither starting over the checkpoints nor resuming with other settings is allowed
-    from rlhf_ray.config import ConfigError
+    from rlhf_ray.config_loader import ConfigError
 
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         run_ppo(tmp_path, *args, "steps=4")
@@ -98,16 +98,21 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(ray_local, tmp_
     weights = [load_file(Path(s["outputs"]["model"]) / "model.safetensors") for s in (straight, resumed)]
     for name, w in weights[0].items():
         assert torch.allclose(weights[1][name], w, atol=1e-5), name
-    # Old tags are pruned alike from every engine's folder and from the random states.
-    ckpts = tmp_path / "split" / "checkpoints"
+    # Old checkpoints are pruned whole: every engine's state and the random states go together.
+    from rlhf_ray import checkpoint
+
+    kept = checkpoint.complete_checkpoints(tmp_path / "split")
+    assert [p.name for p in kept] == ["step_00000003", "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == \
+        ["step_00000003", "step_00000004"]
     for part in ("policy", "value", "rng"):
-        assert sorted(p.name for p in (ckpts / part).glob("step*")) == ["step3", "step4"], part
-    assert (ckpts / "rng" / "step4" / "rank0.pt").is_file()
+        assert (kept[-1] / part / "state").is_dir(), part
+    assert (kept[-1] / "rng" / "state" / "rank0.pt").is_file()
 
 
 def test_groups_are_checked():
     from rlhf_ray.batch import Episode
-    from rlhf_ray.recipes.online import check_groups
+    from rlhf_ray.driver.episodes import check_groups
 
     def ep(p, k):
         return Episode([1], [2], "", "", [0.0], "stop", 0, prompt_index=p, sample_index=k)
@@ -120,7 +125,7 @@ def test_groups_are_checked():
 def test_reinforce_pp_and_bad_settings(ray_local, tmp_path):
     summary, history = run_ppo(tmp_path, "advantage=reinforce++", "steps=1")
     assert summary["final_version"] == 1 and history[0]["rollout/episodes"] == 8
-    from rlhf_ray.config import ConfigError
+    from rlhf_ray.config_loader import ConfigError
 
     with pytest.raises(ConfigError, match="needs sampling.n >= 2"):
         build_config(PPOConfig, TINY, ["advantage=grpo", "sampling.n=1"])
@@ -138,7 +143,7 @@ def test_rollout_workers_scale_while_the_job_runs(ray_local, tmp_path):
     import threading
     import time
 
-    from rlhf_ray.scaling import NAMESPACE, control_name
+    from rlhf_ray.driver.scaling import NAMESPACE, control_name
 
     run_dir = tmp_path / "scaled"
     address = ray_local.get_runtime_context().gcs_address

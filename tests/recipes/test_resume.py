@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_ray import checkpoint
-from rlhf_ray.config import ConfigError, save_config
+from rlhf_ray.config_loader import ConfigError, save_config
 
 
 def jsonl(summary: dict) -> list[dict]:
@@ -25,21 +25,21 @@ def weights(summary: dict) -> dict[str, torch.Tensor]:
 
 def test_interrupted_sft_resumes_at_the_next_step_and_matches(tiny_run, tmp_path,
                                                               monkeypatch):
-    from rlhf_ray.recipes import common
+    from rlhf_ray.driver.run import Run
 
     run = tmp_path / "interrupted"
     # warm-up + cosine decay over 4 steps: the LR schedule must be restored, not restarted
     args = ("max_steps=4", "checkpoint.save_every=1", "optim.warmup_steps=1",
             "optim.schedule=cosine")
-    save = common.save_checkpoint
+    save = Run.save_checkpoint
 
-    def save_then_crash(cfg, group, log, step, *rest):
-        path = save(cfg, group, log, step, *rest)
+    def save_then_crash(self, learners, step, *rest):
+        path = save(self, learners, step, *rest)
         if step == 2:
             raise RuntimeError("simulated crash after step 2")
         return path
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         tiny_run("sft", run, *args)
     monkeypatch.undo()

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_ray.batch import Episode
-from rlhf_ray.configs import RewardConfig
+from rlhf_ray.config import RewardConfig
 from rlhf_ray.data import DataError, load_rows, load_tokenizer, prompt_text
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.reward import RewardServer

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.batch import Episode
-from rlhf_ray.config import ConfigError, build_config
-from rlhf_ray.configs_online import PrefsConfig, RSConfig
-from rlhf_ray.recipes.rs import best_of_n
+from rlhf_ray.config_loader import ConfigError, build_config
+from rlhf_ray.config import PrefsConfig, RSConfig
+from rlhf_ray.driver.episodes import best_of_n
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "launch" / "configs"
@@ -53,7 +53,7 @@ def test_rs_rounds_write_kept_sets_and_pairs(ray_local, tmp_path):
 
 
 def test_prefs_from_a_reward_function_feeds_rm_and_dpo_format(ray_local, tmp_path):
-    from rlhf_ray.configs import DataConfig
+    from rlhf_ray.config import DataConfig
     from rlhf_ray.data import load_rows
     from rlhf_ray.recipes import prefs
 

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from rlhf_ray.assets import AssetError
-from rlhf_ray.config import ConfigError, to_dict
+from rlhf_ray.config_loader import ConfigError, to_dict
 from rlhf_ray.data import DataError
 
 ROOT = Path(__file__).resolve().parents[2]

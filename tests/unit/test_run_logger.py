@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rlhf_ray.configs import LoggingConfig
+from rlhf_ray.config import LoggingConfig
 from rlhf_ray.metrics import RunLogger
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
-from rlhf_ray.configs import LearnerConfig, OptimConfig
+from rlhf_ray.config import LearnerConfig, OptimConfig
 from rlhf_ray.workers.group import WorkerError, WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
 from rlhf_ray.workers.learner_utils import ds_config, lr_schedule
@@ -379,7 +379,7 @@ def test_missing_model_path_names_role_and_path(ray_local, tmp_path):
 
 SHM_SCRIPT = """
 import glob, os, sys
-from rlhf_ray.configs import LearnerConfig, OptimConfig
+from rlhf_ray.config import LearnerConfig, OptimConfig
 from rlhf_ray.workers.learner import LearnerWorker
 learner = LearnerWorker(sys.argv[1], LearnerConfig(), OptimConfig())
 learner.init()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_ray.batch import Episode, SequenceBatch
-from rlhf_ray.configs import RewardConfig, RolloutConfig, SamplingConfig
+from rlhf_ray.config import RewardConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.losses import token_logprobs
 from rlhf_ray.workers.group import WorkerError, WorkerGroup, WorkerResources
 from rlhf_ray.workers.reference import ReferenceServer

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.configs import LearnerConfig, OptimConfig, RolloutConfig, SamplingConfig
+from rlhf_ray.config import LearnerConfig, OptimConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.experience import episodes_to_batch
-from rlhf_ray.weight_sync import WeightSync, broadcast_recv, plan_buckets, tensor_metadata
+from rlhf_ray.workers.weight_sync import WeightSync, broadcast_recv, plan_buckets, tensor_metadata
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
 from rlhf_ray.workers.rollout import RolloutWorker
@@ -31,12 +31,12 @@ def test_bucket_plan_covers_every_tensor_once_within_budget():
 def test_broadcast_recv_unpacks_mixed_dtypes():
     """Pack as the sender does and unpack with the receiver's views (a 1-rank gloo group)."""
 
-    from rlhf_ray.weight_sync import broadcast_send, open_group
-    from rlhf_ray.workers.group import _free_port
+    from rlhf_ray.workers.weight_sync import broadcast_send, open_group
+    from rlhf_ray.workers.group import free_port
 
     state = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64),
              "c": torch.randn(2, dtype=torch.bfloat16)}
-    group, _store = open_group("127.0.0.1", _free_port(), 0, 1, "gloo")
+    group, _store = open_group("127.0.0.1", free_port(), 0, 1, "gloo")
     sent = broadcast_send(group, state, bucket_bytes=40)
     assert sent["sync/bytes"] == sum(t.numel() * t.element_size() for t in state.values())
     received = dict(broadcast_recv(group, tensor_metadata(state), bucket_bytes=40))

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _rank(rank: int, port: int, results) -> None:
-    from rlhf_ray.weight_sync import broadcast_recv, broadcast_send, open_group, tensor_metadata
+    from rlhf_ray.workers.weight_sync import broadcast_recv, broadcast_send, open_group, tensor_metadata
 
     torch.cuda.set_device(rank)
     torch.manual_seed(0)
@@ -28,11 +28,11 @@ def _rank(rank: int, port: int, results) -> None:
 def test_nccl_bucketed_broadcast_delivers_exact_tensors():
     import torch.multiprocessing as mp
 
-    from rlhf_ray.workers.group import _free_port
+    from rlhf_ray.workers.group import free_port
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(2)]
     for p in procs:
         p.start()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import ray
 
 from rlhf_ray.batch import Episode
-from rlhf_ray.configs import SamplingConfig
+from rlhf_ray.config import SamplingConfig
 from rlhf_ray.workers.group import WorkerGroup
 
 

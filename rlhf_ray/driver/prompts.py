@@ -1,0 +1,51 @@
+"""Prompts for the online recipes (ppo, rs, prefs, generate, the pipeline's evaluation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_ray.config import DataConfig
+from rlhf_ray.data import DataError, load_rows, tokenize_prompts
+from rlhf_ray.data.templates import prompt_messages
+
+
+@dataclass
+class Prompt:
+    """A tokenised prompt with its global index (for grouping) and ground truth."""
+
+    prompt_ids: list[int]
+    answer: str | None
+    index: int
+    text: str = ""  # the rendered prompt (template applied)
+    raw: object = ""  # the row's prompt before the template (a string or messages)
+
+
+def load_prompts(data: DataConfig, tokenizer, max_model_len: int, split: str) -> list[Prompt]:
+    """The validated, tokenised prompts of ``split``; an empty result is an error that says why."""
+    rows = load_rows(data, split, tokenizer).rows
+    if not rows:
+        raise DataError(data.source, f"the {split} split is empty (data.num_rows={data.num_rows}, "
+                                     f"data.heldout_fraction={data.heldout_fraction})")
+    by_row = {r.row: r for r in rows}
+    examples, _ = tokenize_prompts(rows, tokenizer, max_model_len - 1, data.truncation, data.template)
+    if not examples:
+        raise DataError(data.source, f"no {split} prompts fit rollout.max_model_len={max_model_len}")
+    return [Prompt(e.prompt_ids, e.answer, i, e.text, raw_prompt(by_row[e.row]))
+            for i, e in enumerate(examples)]
+
+
+def raw_prompt(row) -> object:
+    """The user-facing prompt of a row (what ``rm`` / ``dpo`` re-render with their template)."""
+    if hasattr(row, "prompt"):
+        prompt = row.prompt
+        return prompt if isinstance(prompt, str) else [m.to_dict() for m in prompt]
+    messages = prompt_messages(row)
+    if len(messages) == 1 and messages[0].role == "user":
+        return messages[0].content
+    return [m.to_dict() for m in messages]
+
+
+def prompts_for_step(prompts: list[Prompt], step: int, per_step: int) -> list[Prompt]:
+    """The prompts of step ``step``: a deterministic walk through the set (resumable)."""
+    start = step * per_step
+    return [prompts[(start + i) % len(prompts)] for i in range(per_step)]

@@ -1,0 +1,103 @@
+"""Starting the workers of each role, and shutting them down again.
+
+:class:`Roles` is the one place a recipe starts workers: one method per role, each placing
+its Ray actors from that role's own sub-config. It connects to Ray (or starts a private
+one) before the first worker and owns every group it started: on exit, on an error or on
+SIGTERM it shuts them down in reverse order, then closes the Ray session it opened.
+
+    with Roles(cfg.ray, worker_env()) as roles:
+        rollouts = roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+        learners = roles.learners(policy_path, cfg.learner, cfg.optim, cfg.model.dtype, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from rlhf_ray.config import LearnerConfig, OptimConfig, RayConfig, RewardConfig, RolloutConfig
+from rlhf_ray.runtime import ray_session
+from rlhf_ray.workers.group import WorkerGroup, WorkerResources
+from rlhf_ray.workers.learner import LearnerWorker
+from rlhf_ray.workers.reference import ReferenceServer
+from rlhf_ray.workers.reward import RewardServer
+from rlhf_ray.workers.rollout import RolloutWorker
+
+
+class Roles:
+    """Starts the workers of each role and owns them until exit."""
+
+    def __init__(self, ray: RayConfig, env: dict[str, str] | None = None):
+        self.ray, self.env = ray, env
+        self.groups: list[WorkerGroup] = []
+        self._cleanups: list[Callable[[], None]] = []  # run before the groups stop
+        self._session = contextlib.ExitStack()
+        self._connected = False
+
+    def __enter__(self) -> Roles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop every group, newest first, then the Ray session this object opened."""
+        try:
+            while self._cleanups:
+                self._cleanups.pop()()
+            while self.groups:
+                self.groups.pop().shutdown()
+        finally:
+            self._session.close()
+            self._connected = False
+
+    def on_shutdown(self, cleanup: Callable[[], None]) -> None:
+        """Also run ``cleanup`` at shutdown (before the groups stop), e.g. to kill a helper actor."""
+        self._cleanups.append(cleanup)
+
+    # ------------------------------------------------------------------ the roles
+
+    def rollouts(self, model: str, rollout: RolloutConfig, dtype: str, seed: int) -> WorkerGroup:
+        """``rollout.num_workers`` vLLM engines serving ``model``."""
+        return self._start(RolloutWorker, "rollout", rollout.num_workers,
+                           args=(model, rollout, dtype, seed),
+                           resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
+                                                     placement=rollout.placement))
+
+    def reward(self, reward: RewardConfig) -> WorkerGroup:
+        """``reward.num_replicas`` RewardServers (a reward model, a function, or both)."""
+        return self._start(RewardServer, "reward", reward.num_replicas, args=(reward,),
+                           resources=WorkerResources(num_cpus=0))
+
+    def reference(self, model: str, dtype: str, micro_batch_size: int = 8,
+                  cpus: float = 0.0) -> WorkerGroup:
+        """One frozen ReferenceServer for per-token or summed reference log-probs."""
+        return self._start(ReferenceServer, "reference", 1, args=(model, dtype, micro_batch_size),
+                           resources=WorkerResources(num_cpus=cpus))
+
+    def learners(self, model: str, learner: LearnerConfig, optim: OptimConfig, dtype: str, *,
+                 total_steps: int | None, seed: int, model_kind: str = "causal_lm",
+                 value_model: str | None = None, value_optim: OptimConfig | None = None
+                 ) -> WorkerGroup:
+        """``learner.num_workers`` DeepSpeed ranks, initialised. ``value_optim`` set: each
+        rank also trains a value model (from ``value_model``, or the policy's backbone)."""
+        group = self._start(LearnerWorker, "learner", learner.num_workers, distributed=True,
+                            args=(model, learner, optim, dtype, model_kind),
+                            kwargs=dict(with_value=value_optim is not None, total_steps=total_steps,
+                                        seed=seed, value_model_path=value_model,
+                                        value_optim=value_optim),
+                            resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
+                                                      placement=learner.placement))
+        group.call("init")
+        return group
+
+    # ------------------------------------------------------------------ helpers
+
+    def _start(self, actor_cls: type, role: str, num_workers: int, **options) -> WorkerGroup:
+        if not self._connected:
+            self._session.enter_context(ray_session(self.ray, self.env))
+            self._connected = True
+        group = WorkerGroup(actor_cls, role, num_workers, timeout_s=self.ray.call_timeout_s,
+                            start_timeout_s=self.ray.start_timeout_s, **options)
+        self.groups.append(group)
+        return group
