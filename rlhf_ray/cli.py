@@ -186,25 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout", type=int, required=True, help="wanted number of rollout workers")
     p.set_defaults(func=cmd_scale)
 
-    helps = {
-        "generate": "sample responses from a model with vLLM rollout workers",
-        "doctor": "self-check: one generate/score/reference/train/sync round trip",
-        "sft": "supervised fine-tuning", "rm": "reward-model training", "dpo": "DPO / IPO",
-        "ppo": "online RL: PPO (gae) or GRPO / RLOO / REINFORCE++", "rs": "rejection sampling (best-of-n)",
-        "prefs": "build preference pairs with a judge", "pipeline": "SFT -> prefs -> RM -> RS -> PPO, + DPO",
-    }
-    import importlib.util
+    _add_recipes(sub)
+    return parser
 
+
+RECIPE_HELP = {
+    "generate": "sample responses from a model with vLLM rollout workers",
+    "doctor": "self-check: one generate/score/reference/train/sync round trip",
+    "sft": "supervised fine-tuning", "rm": "reward-model training", "dpo": "DPO / IPO",
+    "ppo": "online RL: PPO (gae) or GRPO / RLOO / REINFORCE++", "rs": "rejection sampling (best-of-n)",
+    "prefs": "build preference pairs with a judge", "pipeline": "SFT -> prefs -> RM -> RS -> PPO, + DPO",
+}
+
+
+def _add_recipes(sub) -> None:
+    """One sub-command per recipe: ``rlhf-ray <recipe> [CONFIG.yaml] [key=value ...]``."""
     for name, cls in _recipes().items():
-        if importlib.util.find_spec(f"rlhf_ray.recipes.{name}") is None:
-            continue  # config tree defined, recipe not shipped yet
-        p = sub.add_parser(name, help=helps.get(name, f"run the {name} recipe"),
+        p = sub.add_parser(name, help=RECIPE_HELP.get(name, f"run the {name} recipe"),
                            description=(cls.__doc__ or "").strip() or None)
         p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value]")
         if name == "doctor":
             p.add_argument("--json", action="store_true", help="print the report as JSON")
         p.set_defaults(func=cmd_recipe)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

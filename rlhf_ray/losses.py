@@ -385,11 +385,12 @@ def ppo_policy_loss(
 
     loss = aggregate(loss_per_token, response_mask, aggregation, num_tokens, num_seqs)
     with torch.no_grad():
-        lr = log_ratio.detach()
+        log_ratio_detached = log_ratio.detach()
         metrics = {
             "clip_frac": masked_mean((clipped > unclipped).float(), response_mask),
             "dual_clip_frac": masked_mean(dual_active.float(), response_mask),
-            "approx_kl": masked_mean(torch.expm1(lr) - lr, response_mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio_detached) - log_ratio_detached,
+                                   response_mask),
             "ratio_mean": masked_mean(ratio.detach(), response_mask),
         }
     return loss, metrics

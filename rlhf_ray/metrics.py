@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from rlhf_ray.config import LoggingConfig
-from rlhf_ray.files import write_json_atomic, write_jsonl_atomic
+from rlhf_ray.files import write_atomic, write_json_atomic, write_jsonl_atomic
 
 NAMESPACES = ("rollout", "reward", "policy", "value", "kl", "perf", "eval", "train", "sync",
               "data", "dpo", "rm", "sft", "rs", "prefs")
@@ -37,7 +37,7 @@ class RunLogger:
         # every logged step, appended as it happens (watch it with `tail -f`); a resumed run
         # puts its earlier part back with restore()
         self.metrics_file = self.run_dir / "metrics.jsonl"
-        self.metrics_file.write_text("")
+        write_atomic(self.metrics_file, "")
         self.wandb = None
         if cfg.wandb_mode != "disabled":
             import wandb
@@ -50,7 +50,7 @@ class RunLogger:
             run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
             if run_id is None:
                 run_id = secrets.token_hex(4)
-                id_file.write_text(run_id + "\n")
+                write_atomic(id_file, run_id + "\n")
             self.wandb = wandb.init(project=cfg.project, name=cfg.run_name or self.run_dir.name,
                                     dir=str(self.run_dir), mode=cfg.wandb_mode, config=config,
                                     job_type=recipe, reinit="finish_previous", id=run_id,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from rlhf_ray.files import write_atomic
+
 
 def stage_scores_plot(scores: dict[str, float], path: Path) -> Path:
     """Bar chart: held-out task score of each stage's model, side by side."""
@@ -61,5 +63,5 @@ def write_report(path: Path, cfg, result: dict, summaries: dict[str, dict]) -> P
         if plot and Path(plot).is_file():
             shutil.copy(plot, run_dir / f"{name}.png")
             lines += ["", f"## {name.upper()}: reward and KL per step", "", f"![{name}]({name}.png)"]
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path

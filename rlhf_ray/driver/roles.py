@@ -27,8 +27,11 @@ from rlhf_ray.workers.rollout import RolloutWorker
 class Roles:
     """Starts the workers of each role and owns them until exit."""
 
-    def __init__(self, ray: RayConfig, env: dict[str, str] | None = None):
-        self.ray, self.env = ray, env
+    def __init__(self, ray: RayConfig, env: dict[str, str] | None = None,
+                 on_connect: Callable[[], None] | None = None):
+        """``on_connect``: called once Ray is up (``ray.init`` installs signal handlers of
+        its own; the run puts its SIGTERM handler back there)."""
+        self.ray, self.env, self.on_connect = ray, env, on_connect
         self.groups: list[WorkerGroup] = []
         self._cleanups: list[Callable[[], None]] = []  # run before the groups stop
         self._session = contextlib.ExitStack()
@@ -76,14 +79,16 @@ class Roles:
                            resources=WorkerResources(num_cpus=cpus))
 
     def learners(self, model: str, learner: LearnerConfig, optim: OptimConfig, dtype: str, *,
-                 total_steps: int | None, seed: int, model_kind: str = "causal_lm",
+                 optimizer_steps: int | None, seed: int, model_kind: str = "causal_lm",
                  value_model: str | None = None, value_optim: OptimConfig | None = None
                  ) -> WorkerGroup:
-        """``learner.num_workers`` DeepSpeed ranks, initialised. ``value_optim`` set: each
-        rank also trains a value model (from ``value_model``, or the policy's backbone)."""
+        """``learner.num_workers`` DeepSpeed ranks, initialised. ``optimizer_steps``: the
+        optimizer steps of the whole run, for the LR schedule (None: a constant schedule).
+        ``value_optim`` set: each rank also trains a value model (from ``value_model``, or the
+        policy's backbone)."""
         group = self._start(LearnerWorker, "learner", learner.num_workers, distributed=True,
                             args=(model, learner, optim, dtype, model_kind),
-                            kwargs=dict(with_value=value_optim is not None, total_steps=total_steps,
+                            kwargs=dict(with_value=value_optim is not None, total_steps=optimizer_steps,
                                         seed=seed, value_model_path=value_model,
                                         value_optim=value_optim),
                             resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
@@ -97,6 +102,8 @@ class Roles:
         if not self._connected:
             self._session.enter_context(ray_session(self.ray, self.env))
             self._connected = True
+            if self.on_connect is not None:
+                self.on_connect()
         group = WorkerGroup(actor_cls, role, num_workers, timeout_s=self.ray.call_timeout_s,
                             start_timeout_s=self.ray.start_timeout_s, **options)
         self.groups.append(group)

@@ -17,6 +17,11 @@ A recipe that keeps no checkpoints refuses ``resume=auto`` outright. Then the re
 config goes to ``config.yaml`` and the logger (W&B, ``metrics.jsonl``) opens; a resumed run
 gets its logged history back.
 
+"Step" means one pass of a recipe's loop, counted by ``run.steps``: an optimizer step in
+sft, rm and dpo, a policy version in ppo (its ``steps`` key), a round in rs. The learners'
+updates are "optimizer steps" (``Roles.learners(optimizer_steps=...)`` sizes the LR
+schedule); a checkpoint ``step_<N>`` is named by the recipe's step.
+
 On exit, also on an error or SIGTERM, every worker group started through ``run.roles`` is
 shut down in reverse order and a private Ray is stopped.
 """
@@ -52,7 +57,7 @@ class Run:
         self.cfg, self.recipe = cfg, recipe
         self.run_dir = Path(cfg.run_dir)
         self.resumable, self.data_fingerprint = resumable, data_fingerprint
-        self.roles = Roles(cfg.ray, worker_env(kv_cache_gib))
+        self.roles = Roles(cfg.ray, worker_env(kv_cache_gib), on_connect=self._catch_sigterm)
         self.resume_from: Path | None = None
         self.resume_state: checkpoint.JobState | None = None
         self.logger: RunLogger | None = None
@@ -99,9 +104,12 @@ class Run:
                               f"was trained on (data.source={self.cfg.data.source}); use a new run_dir")
 
     def _catch_sigterm(self) -> None:
-        """SIGTERM (a job stop, a scheduler) unwinds like an error, so ``__exit__`` runs."""
+        """SIGTERM (a job stop, a scheduler) unwinds like an error, so ``__exit__`` runs and
+        the process exits 143. Installed on enter and again once Ray is up."""
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+            previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            if self._previous_sigterm is None:
+                self._previous_sigterm = previous
 
     # ------------------------------------------------------------------ logging and cadence
 
@@ -176,3 +184,7 @@ class Run:
                                                xlabel=xlabel))
         resumed = {"resumed_from": str(self.resume_from) if self.resume_from else None}
         return self.logger.finish(outputs, {**resumed, **(extra or {})})
+
+
+def _exit_on_sigterm(*_: Any) -> None:
+    sys.exit(143)

@@ -90,7 +90,7 @@ def _start(roles: Roles, model: str, dtype: str) -> tuple:
     reward = roles.reward(RewardConfig(model=TINY_RM, function="arithmetic"))
     reference = roles.reference(model, dtype)
     learner = roles.learners(model, LearnerConfig(micro_batch_size=8, cpus_per_worker=0.0),
-                             OptimConfig(lr=1e-3), dtype, total_steps=None, seed=0)
+                             OptimConfig(lr=1e-3), dtype, optimizer_steps=None, seed=0)
     return rollout, reward, reference, learner
 
 

@@ -60,7 +60,7 @@ def run(cfg: DPOConfig) -> dict:
     with Run(cfg, "dpo", data_fingerprint=batches.fingerprint(train)) as run:
         with run.phase("start"):
             learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
-                                          total_steps=total, seed=cfg.seed)
+                                          optimizer_steps=total, seed=cfg.seed)
             ref = run.roles.reference(*reference, micro_batch_size=cfg.learner.micro_batch_size,
                                       cpus=cfg.reference_cpus)
         start = run.restore(learners)

@@ -53,7 +53,6 @@ def run(cfg: PipelineConfig) -> dict:
 
     def with_model(section, path: str):
         return dataclasses.replace(section, path=path)
-
     with MemoryMonitor() as memory, ray_session(cfg.ray, worker_env()):
         sft_model = base
         # 1. SFT
@@ -86,14 +85,19 @@ def run(cfg: PipelineConfig) -> dict:
                                   reference=with_model(cfg.dpo.reference, sft_model), data=data)["model"]
         # 6. every stage's model on the same held-out task
         scores = _score_models(cfg, models)
-    peak_gib = memory.peak_gib
+    return _finish(cfg, run_dir, models, scores, summaries, memory.peak_gib, time.time() - started)
+
+
+def _finish(cfg: PipelineConfig, run_dir: Path, models: dict[str, str], scores: dict[str, float],
+            summaries: dict[str, dict], peak_gib: float, wall_s: float) -> dict:
+    """The stage-scores plot, ``report.md`` and ``summary.json``."""
     plot = stage_scores_plot(scores, run_dir / "stage_scores.png")
     result = {"recipe": "pipeline", "models": models, "heldout_score": scores,
               "outputs": {"report": str(run_dir / "report.md"), "stage_scores_plot": str(plot),
                           **{f"{k}_model": v for k, v in models.items()}},
               "stages": {k: {"wall_s": v.get("wall_s"), "outputs": v.get("outputs")} for k, v in summaries.items()},
               "metrics": {f"eval/score_{k}": {"first": scores["base"], "final": v} for k, v in scores.items()},
-              "peak_rss_gib": round(peak_gib, 2), "wall_s": round(time.time() - started, 1)}
+              "peak_rss_gib": round(peak_gib, 2), "wall_s": round(wall_s, 1)}
     write_report(run_dir / "report.md", cfg, result, summaries)
     write_json_atomic(run_dir / "summary.json", result)
     print(f"pipeline: held-out {cfg.eval_checker} score by stage: {json.dumps(scores)}; "

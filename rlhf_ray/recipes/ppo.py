@@ -141,7 +141,7 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
         reward = run.roles.reward(cfg.reward)
         reference = run.roles.reference(reference_path, cfg.model.dtype)
         learners = run.roles.learners(
-            policy_path, cfg.learner, cfg.optim, cfg.model.dtype, total_steps=optimizer_steps,
+            policy_path, cfg.learner, cfg.optim, cfg.model.dtype, optimizer_steps=optimizer_steps,
             seed=cfg.seed, value_model=cfg.value_model,
             value_optim=OptimConfig(lr=cfg.value_lr) if cfg.advantage == "gae" else None)
     return Workers(rollouts, reward, reference, learners, WeightSync(learners, rollouts))

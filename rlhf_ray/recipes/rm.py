@@ -50,7 +50,7 @@ def run(cfg: RMConfig) -> dict:
     with Run(cfg, "rm", data_fingerprint=batches.fingerprint(train)) as run:
         with run.phase("start"):
             learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
-                                          total_steps=total, seed=cfg.seed, model_kind="reward")
+                                          optimizer_steps=total, seed=cfg.seed, model_kind="reward")
         start = run.restore(learners)
         if start == 0:
             run.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),

@@ -24,7 +24,7 @@ from rlhf_ray.data import load_tokenizer
 from rlhf_ray.driver import batches
 from rlhf_ray.driver import learners as learner_calls
 from rlhf_ray.driver.episodes import (
-    best_and_worst,
+    best_of_n,
     instruction_row,
     preference_row,
     rollout_metrics,
@@ -44,7 +44,7 @@ def run(cfg: RSConfig) -> dict:
     tokenizer = load_tokenizer(policy_path)
     train = load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, "train")
     heldout = load_prompts(cfg.data, tokenizer, cfg.rollout.max_model_len, "heldout")[: cfg.eval_prompts]
-    steps_per_round = -(-cfg.prompts_per_round // cfg.batch_size) * cfg.epochs
+    optimizer_steps_per_round = -(-cfg.prompts_per_round // cfg.batch_size) * cfg.epochs
     data_id = batches.fingerprint([p.prompt_ids for p in train])
 
     with Run(cfg, "rs", resumable=RESUMABLE, kv_cache_gib=cfg.rollout.kv_cache_gib,
@@ -53,7 +53,7 @@ def run(cfg: RSConfig) -> dict:
             rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
             reward = run.roles.reward(cfg.reward)
             learners = run.roles.learners(policy_path, cfg.learner, cfg.optim, cfg.model.dtype,
-                                          total_steps=cfg.rounds * steps_per_round, seed=cfg.seed)
+                                          optimizer_steps=cfg.rounds * optimizer_steps_per_round, seed=cfg.seed)
             sync = WeightSync(learners, rollouts)
         start = run.restore(learners)
         outputs: dict[str, str] = dict(run.resume_state.extra["outputs"]) if run.resuming else {}

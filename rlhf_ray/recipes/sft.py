@@ -39,7 +39,7 @@ def run(cfg: SFTConfig) -> dict:
     with Run(cfg, "sft", data_fingerprint=data_id) as run:
         with run.phase("start"):
             learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
-                                          total_steps=total, seed=cfg.seed)
+                                          optimizer_steps=total, seed=cfg.seed)
         start = run.restore(learners)
         if start == 0:
             run.log({"data/train_examples": len(train), "data/heldout_examples": len(heldout),

@@ -26,19 +26,36 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
+import torch
+import torch.distributed as dist
+
+from rlhf_ray import loss_terms
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
 from rlhf_ray.config import LearnerConfig, OptimConfig
+from rlhf_ray.losses import token_logprobs
 from rlhf_ray.models import load_model, sequence_scores
-from rlhf_ray.workers import learner_utils as lu
+from rlhf_ray.workers import deepspeed_setup
 from rlhf_ray.workers.group import Worker, free_port
 from rlhf_ray.workers.weight_sync import WeightSender
 
+# deepspeed is imported inside the methods that use it: it picks its accelerator when
+# imported, and __init__ sets DS_ACCELERATOR first on CPU-only machines.
+
 ModelKind = Literal["causal_lm", "reward"]
 CLIENT_KEY = "rlhf_ray_client_state"  # ours, among DeepSpeed's own checkpoint entries
-Plan = tuple  # (engines [(engine, metric prefix)], micro-batches, loss_fn)
+LossFn = Callable[[Any], loss_terms.Terms]
+
+
+class TrainPlan(NamedTuple):
+    """What one step (or ``evaluate``) runs: the engines it trains, each with its metric
+    prefix; this rank's micro-batches; and the loss of one micro-batch."""
+
+    engines: list[tuple[Any, str]]
+    micro_batches: list
+    loss_fn: LossFn
 
 
 class LearnerWorker(WeightSender, Worker):
@@ -51,8 +68,6 @@ class LearnerWorker(WeightSender, Worker):
                  dtype: str = "float32", model_kind: ModelKind = "causal_lm",
                  with_value: bool = False, total_steps: int | None = None, seed: int = 0,
                  value_model_path: str | None = None, value_optim: OptimConfig | None = None):
-        import torch
-
         if model_kind not in ("causal_lm", "reward"):
             raise ValueError(f"learner: model_kind must be 'causal_lm' or 'reward', got {model_kind!r}")
         if with_value and model_kind != "causal_lm":
@@ -77,15 +92,13 @@ class LearnerWorker(WeightSender, Worker):
 
     def init(self) -> dict:
         """Join the process group, load the model(s), build the engine(s). Call on all ranks."""
-        import torch
-
         t0 = time.perf_counter()
         self.path = resolve_model(self.model_path, role="learner")
         value_path = (resolve_model(self.value_model_path or self.model_path, role="learner")
                       if self.with_value else None)
         self._init_distributed()
         torch.manual_seed(self.seed)
-        cfg = lu.ds_config(self.learner, self.optim, self.dtype)
+        cfg = deepspeed_setup.ds_config(self.learner, self.optim, self.dtype)
         if self.learner.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -95,7 +108,8 @@ class LearnerWorker(WeightSender, Worker):
         if value_path:
             value = load_model(value_path, "value", self.dtype)
             if self.value_model_path is None:
-                lu.zero_scalar_head(value)  # a fresh head on the policy's backbone starts at V = 0
+                # a fresh head on the policy's backbone starts at V = 0
+                deepspeed_setup.zero_scalar_head(value)
             self.value = self._engine(value, self.value_optim)
         self.pad_id = self.model.module.config.pad_token_id or 0
         self.device = self.model.device
@@ -105,7 +119,6 @@ class LearnerWorker(WeightSender, Worker):
 
     def _init_distributed(self) -> None:
         import deepspeed
-        import torch
 
         if "RANK" not in os.environ:  # a lone learner outside a distributed WorkerGroup
             self.set_rank_env(0, 1, "127.0.0.1", free_port(), 0)
@@ -116,26 +129,25 @@ class LearnerWorker(WeightSender, Worker):
         if torch.cuda.is_available():
             torch.cuda.set_device(0 if torch.cuda.device_count() == 1
                                   else int(os.environ.get("LOCAL_RANK", 0)))
-        shm = lu.shm_buffer_path()
+        shm = deepspeed_setup.shm_buffer_path()
         self._shm_file = None if os.path.exists(shm) else shm  # only remove what we create
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
     def _engine(self, module, optim: OptimConfig):
         import deepspeed
-        import torch
 
         if self.learner.gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = lu.build_optimizer(module, optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lu.lr_schedule(optim, self.total_steps))
+        optimizer = deepspeed_setup.build_optimizer(module, optim)
+        schedule = deepspeed_setup.lr_schedule(optim, self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        config = deepspeed_setup.ds_config(self.learner, optim, self.dtype)
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                          config=lu.ds_config(self.learner, optim, self.dtype))
+                                          config=config)
         return engine
 
     def shutdown(self) -> None:
         """Destroy the process group and remove this rank's DeepSpeed shm buffer."""
-        import torch.distributed as dist
-
         self.model = self.value = self._hf_ds_config = None
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -159,8 +171,6 @@ class LearnerWorker(WeightSender, Worker):
         when the learner has a value model. ``old_logprobs=None`` means on-policy (ratio 1).
         ``train_policy=False`` (critic warm-up) steps only the value model; the policy's
         metrics are still reported."""
-        import torch
-
         self._need("causal_lm", "ppo_step")
         if not train_policy and self.value is None:
             raise ValueError("learner.ppo_step: train_policy=False needs a value model")
@@ -170,8 +180,9 @@ class LearnerWorker(WeightSender, Worker):
             raise ValueError("learner.ppo_step: a value model needs batch.returns")
         if kl_coef and batch.ref_logprobs is None:
             raise ValueError("learner.ppo_step: kl_coef > 0 needs batch.ref_logprobs")
-        params = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
-                      kl_coef=kl_coef, kl_estimator=kl_estimator, value_clip_eps=value_clip_eps)
+        settings = loss_terms.PPOLossSettings(
+            clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, value_clip_eps=value_clip_eps)
         n_tok, n_seq, real_tok = self._counts(batch.response_mask.sum(), len(batch),
                                               num_tokens_global, num_seqs_global)
 
@@ -179,12 +190,12 @@ class LearnerWorker(WeightSender, Worker):
             values = self._values(self.value, mb) if self.value is not None else None
             with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
                 logits = self._forward(self.model, mb).logits
-            losses, stats = lu.ppo_terms(logits, values, mb, params, aggregation, n_tok, n_seq,
-                                         real_tok)
+            losses, stats = loss_terms.ppo_terms(logits, values, mb, settings, aggregation,
+                                                 n_tok, n_seq, real_tok)
             return (losses if train_policy else losses[1:]), stats
 
         engines = self._named_engines() if train_policy else [(self.value, "value")]
-        return self._train((engines, self._split(batch), loss_fn))
+        return self._train(TrainPlan(engines, self._split(batch), loss_fn))
 
     def dpo_step(self, batch: PreferenceBatch, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, num_pairs_global: int | None = None) -> dict:
@@ -201,28 +212,28 @@ class LearnerWorker(WeightSender, Worker):
         plans = {"sft": self._sft_plan, "dpo": self._dpo_plan, "rm": self._rm_plan}
         if kind not in plans:
             raise ValueError(f"learner.evaluate: kind must be one of {sorted(plans)}, got {kind!r}")
-        engines, micro_batches, loss_fn = plans[kind](batch, **kwargs)
-        for engine, _ in engines:
+        plan = plans[kind](batch, **kwargs)
+        for engine, _ in plan.engines:
             engine.eval()
-        stats = self._loop(micro_batches, loss_fn, [], train=False, collective=True)
+        stats = self._loop(plan.micro_batches, plan.loss_fn, [], train=False, collective=True)
         return {f"eval/{k.split('/', 1)[1]}": v for k, v in stats.items()}
 
     # ------------------------------------------------------------------ loss plans
 
     def _sft_plan(self, batch: SequenceBatch, num_tokens_global=None, aggregation="token_mean",
-                  num_seqs_global=None) -> Plan:
+                  num_seqs_global=None) -> TrainPlan:
         self._need("causal_lm", "sft")
         n_tok, n_seq, _ = self._counts(batch.response_mask.sum(), len(batch),
                                        num_tokens_global, num_seqs_global)
 
         def loss_fn(mb: SequenceBatch):
             logits = self._forward(self.model, mb).logits
-            return lu.sft_terms(logits, mb, aggregation, n_tok, n_seq)
+            return loss_terms.sft_terms(logits, mb, aggregation, n_tok, n_seq)
 
-        return [(self.model, "policy")], self._split(batch), loss_fn
+        return TrainPlan([(self.model, "policy")], self._split(batch), loss_fn)
 
     def _dpo_plan(self, batch: PreferenceBatch, beta=0.1, loss_type="sigmoid",
-                  label_smoothing=0.0, num_pairs_global=None) -> Plan:
+                  label_smoothing=0.0, num_pairs_global=None) -> TrainPlan:
         self._need("causal_lm", "dpo")
         if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
             raise ValueError("learner dpo: the batch needs ref_chosen_logps and ref_rejected_logps "
@@ -230,35 +241,32 @@ class LearnerWorker(WeightSender, Worker):
         n = self._counts(0, len(batch), None, num_pairs_global)[1]
 
         def loss_fn(mb: PreferenceBatch):
-            both = lu.stack_pairs(mb, self.pad_id)
+            both = mb.stacked(self.pad_id)
             logits = self._forward(self.model, both).logits
-            return lu.dpo_terms(logits, both, mb, beta, loss_type, label_smoothing, n)
+            return loss_terms.dpo_terms(logits, both, mb, beta, loss_type, label_smoothing, n)
 
-        return [(self.model, "policy")], self._split_pairs(batch), loss_fn
+        return TrainPlan([(self.model, "policy")], self._split_pairs(batch), loss_fn)
 
-    def _rm_plan(self, batch: PreferenceBatch, margin=0.0, num_pairs_global=None) -> Plan:
+    def _rm_plan(self, batch: PreferenceBatch, margin=0.0, num_pairs_global=None) -> TrainPlan:
         self._need("reward", "rm")
         n = self._counts(0, len(batch), None, num_pairs_global)[1]
 
         def loss_fn(mb: PreferenceBatch):
-            return lu.rm_terms(self._scores(self.model, lu.stack_pairs(mb, self.pad_id)), mb,
-                               margin, n)
+            scores = self._scores(self.model, mb.stacked(self.pad_id))
+            return loss_terms.rm_terms(scores, mb, margin, n)
 
-        return [(self.model, "rm")], self._split_pairs(batch), loss_fn
+        return TrainPlan([(self.model, "rm")], self._split_pairs(batch), loss_fn)
 
     # ------------------------------------------------------------------ the step loop
 
-    def _train(self, plan: Plan) -> dict:
-        import torch
-
+    def _train(self, plan: TrainPlan) -> dict:
         t0 = time.perf_counter()
-        engines, micro_batches, loss_fn = plan
-        lrs = {prefix: float(engine.get_lr()[0]) for engine, prefix in engines}
-        for engine, _ in engines:
+        lrs = {prefix: float(engine.get_lr()[0]) for engine, prefix in plan.engines}
+        for engine, _ in plan.engines:
             engine.train()
-        metrics = self._loop(micro_batches, loss_fn, [e for e, _ in engines], train=True,
-                             collective=True)
-        for engine, prefix in engines:
+        metrics = self._loop(plan.micro_batches, plan.loss_fn, [e for e, _ in plan.engines],
+                             train=True, collective=True)
+        for engine, prefix in plan.engines:
             own_norm = None
             if not engine.zero_optimization() and not engine.bfloat16_enabled():
                 # ZeRO-0 fp32 clips without recording the norm: measure the (averaged) grads.
@@ -272,18 +280,16 @@ class LearnerWorker(WeightSender, Worker):
         metrics["perf/train_s"] = time.perf_counter() - t0
         return metrics
 
-    def _loop(self, micro_batches: list, loss_fn: Callable, engines: list, train: bool,
+    def _loop(self, micro_batches: list, loss_fn: LossFn, engines: list, train: bool,
               collective: bool) -> dict[str, float]:
         """Run ``loss_fn`` on every micro-batch (backward when training); sum the stats over
         micro-batches and ranks. Ranks run the same number of micro-batches."""
-        import torch
-
         n = len(micro_batches)
         steps = self._steps(n, collective)
         sums: dict[str, torch.Tensor] = {}
         for i in range(steps):
             real = i < n
-            mb = lu.to_device(micro_batches[min(i, n - 1)], self.device)
+            mb = micro_batches[min(i, n - 1)].to(self.device)
             for engine in engines:
                 engine.set_gradient_accumulation_boundary(i == steps - 1)
             with torch.set_grad_enabled(train):
@@ -302,8 +308,6 @@ class LearnerWorker(WeightSender, Worker):
 
     def forward_logprobs(self, batch: SequenceBatch):
         """(B, T-1) fp32 next-token log-probs, no grad (0 beyond each micro-batch's width)."""
-        from rlhf_ray.losses import token_logprobs
-
         self._need("causal_lm", "forward_logprobs")
         return self._infer(self.model, batch, lambda mb: token_logprobs(
             self._forward(self.model, mb).logits, mb.input_ids), shift=1)
@@ -320,19 +324,17 @@ class LearnerWorker(WeightSender, Worker):
         return self._infer(self.model, batch, lambda mb: self._scores(self.model, mb), shift=None)
 
     def _infer(self, engine, batch: SequenceBatch, fn: Callable, shift: int | None):
-        import torch
-
         engine.eval()
         B, T = batch.input_ids.shape
         out = torch.zeros((B,) if shift is None else (B, T - shift), dtype=torch.float32)
-        micro = lu.split_rows(batch, self.learner.micro_batch_size)
+        micro = self._split(batch)
         n = len(micro)
         # Under ZeRO-3 every forward gathers parameters: all ranks run the same count.
         steps = self._steps(n, collective=self.learner.zero_stage == 3)
         row = 0
         with torch.no_grad():
             for i in range(steps):
-                res = fn(lu.to_device(micro[min(i, n - 1)], self.device)).float().cpu()
+                res = fn(micro[min(i, n - 1)].to(self.device)).float().cpu()
                 if i < n:
                     rows = slice(row, row + len(micro[i]))
                     if shift is None:
@@ -358,17 +360,16 @@ class LearnerWorker(WeightSender, Worker):
         engine = self.value if model == "value" else self.model
         if engine is None:
             raise ValueError(f"learner.get_state_dict: no {model} model")
-        return lu.full_state_dict(engine.module, self.learner.zero_stage == 3, self.rank == 0)
+        return deepspeed_setup.full_state_dict(engine.module, zero3=self.learner.zero_stage == 3,
+                                               keep=self.rank == 0)
 
     def export_hf(self, path: str) -> str | None:
         """Write the policy (or reward model) as a HF folder with the tokenizer (rank 0)."""
-        import torch.distributed as dist
-
         state = self.get_state_dict()
         if self.rank == 0:
             Path(path).mkdir(parents=True, exist_ok=True)
             self.model.module.save_pretrained(path, state_dict=state, safe_serialization=True)
-            lu.copy_tokenizer(self.path, path)
+            deepspeed_setup.copy_tokenizer(self.path, path)
         if self.world_size > 1:
             dist.barrier()
         return path if self.rank == 0 else None
@@ -378,8 +379,6 @@ class LearnerWorker(WeightSender, Worker):
         """DeepSpeed checkpoint (weights, optimizer, LR schedule) of every engine, and this
         rank's random state (dropout masks), so a resumed step draws what the straight run
         would have. All ranks."""
-        import torch
-
         for engine, name in self._named_engines():
             engine.save_checkpoint(str(Path(directory) / name), tag=tag,
                                    client_state={CLIENT_KEY: dict(client_state or {})})
@@ -391,8 +390,6 @@ class LearnerWorker(WeightSender, Worker):
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> dict:
         """Restore what ``save_checkpoint`` wrote; returns its client_state. All ranks."""
-        import torch
-
         client_state: dict = {}
         for engine, name in self._named_engines():
             load_path, state = engine.load_checkpoint(str(Path(directory) / name), tag=tag)
@@ -426,11 +423,11 @@ class LearnerWorker(WeightSender, Worker):
             raise ValueError(f"learner: {what} needs model_kind={kind!r}, this learner has "
                              f"{self.model_kind!r}")
 
-    def _split(self, batch: SequenceBatch) -> list:
-        return lu.split_rows(batch, self.learner.micro_batch_size)
+    def _split(self, batch: SequenceBatch) -> list[SequenceBatch]:
+        return batch.split(self.learner.micro_batch_size)
 
-    def _split_pairs(self, batch: PreferenceBatch) -> list:
-        return lu.split_pairs(batch, max(1, self.learner.micro_batch_size // 2))  # 2 rows a pair
+    def _split_pairs(self, batch: PreferenceBatch) -> list[PreferenceBatch]:
+        return batch.split(max(1, self.learner.micro_batch_size // 2))  # 2 rows a pair
 
     def _counts(self, tokens, seqs: int, tokens_global, seqs_global) -> tuple[float, float, float]:
         """(token normaliser, sequence normaliser, real global tokens), all-reduced."""
@@ -447,9 +444,6 @@ class LearnerWorker(WeightSender, Worker):
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         if self.world_size == 1:
             return list(values)
-        import torch
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()

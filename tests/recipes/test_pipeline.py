@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.config_loader import ConfigError, build_config
 from rlhf_ray.config import PipelineConfig
+from rlhf_ray.config_loader import ConfigError, build_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

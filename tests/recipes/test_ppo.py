@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ray.config_loader import build_config
 from rlhf_ray.config import PPOConfig
+from rlhf_ray.config_loader import build_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "launch" / "configs" / "ppo_tiny.yaml"

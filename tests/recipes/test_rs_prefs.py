@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.batch import Episode
-from rlhf_ray.config_loader import ConfigError, build_config
 from rlhf_ray.config import PrefsConfig, RSConfig
+from rlhf_ray.config_loader import ConfigError, build_config
 from rlhf_ray.driver.episodes import best_of_n
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,9 +24,9 @@ import torch
 
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
 from rlhf_ray.config import LearnerConfig, OptimConfig
+from rlhf_ray.workers.deepspeed_setup import ds_config, lr_schedule
 from rlhf_ray.workers.group import WorkerError, WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
-from rlhf_ray.workers.learner_utils import ds_config, lr_schedule
 
 PAD = 2  # <|im_end|>, eos and pad of the tiny models
 SHM = "/dev/shm/deepspeed_allreduce_buffer_*"
@@ -258,7 +258,7 @@ def test_value_warmup_steps_only_the_value_model(policy):
 
 def test_fresh_value_head_starts_at_zero(tiny_llama):
     from rlhf_ray.models import load_model
-    from rlhf_ray.workers.learner_utils import zero_scalar_head
+    from rlhf_ray.workers.deepspeed_setup import zero_scalar_head
 
     value = load_model(tiny_llama, "value", "float32")
     ids = torch.tensor([[5, 6, 7, 8]])

@@ -8,10 +8,10 @@ import torch
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import LearnerConfig, OptimConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.experience import episodes_to_batch
-from rlhf_ray.workers.weight_sync import WeightSync, broadcast_recv, plan_buckets, tensor_metadata
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
 from rlhf_ray.workers.rollout import RolloutWorker
+from rlhf_ray.workers.weight_sync import WeightSync, broadcast_recv, plan_buckets, tensor_metadata
 
 FREE = WorkerResources(num_cpus=0)
 PROMPTS = ["What is 7 + 8?", "Name an animal.", "Write one word."]
@@ -31,8 +31,8 @@ def test_bucket_plan_covers_every_tensor_once_within_budget():
 def test_broadcast_recv_unpacks_mixed_dtypes():
     """Pack as the sender does and unpack with the receiver's views (a 1-rank gloo group)."""
 
-    from rlhf_ray.workers.weight_sync import broadcast_send, open_group
     from rlhf_ray.workers.group import free_port
+    from rlhf_ray.workers.weight_sync import broadcast_send, open_group
 
     state = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64),
              "c": torch.randn(2, dtype=torch.bfloat16)}

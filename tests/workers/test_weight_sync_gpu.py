@@ -11,7 +11,12 @@ pytestmark = pytest.mark.gpu
 
 
 def _rank(rank: int, port: int, results) -> None:
-    from rlhf_ray.workers.weight_sync import broadcast_recv, broadcast_send, open_group, tensor_metadata
+    from rlhf_ray.workers.weight_sync import (
+        broadcast_recv,
+        broadcast_send,
+        open_group,
+        tensor_metadata,
+    )
 
     torch.cuda.set_device(rank)
     torch.manual_seed(0)

@@ -1,0 +1,150 @@
+"""Per-micro-batch loss terms of the learner's training steps (SFT, PPO, DPO, RM).
+
+Pure torch, like :mod:`rlhf_ray.losses`: this module imports only torch, ``rlhf_ray.batch``
+and ``rlhf_ray.losses`` (never ray, vllm, deepspeed or transformers), so every term can be
+checked on small tensors without a worker.
+
+Shapes: ``B`` rows of the micro-batch (sequences, or pairs for DPO/RM), ``T`` its padded
+length, ``V`` the vocabulary size. Per-token quantities are next-token aligned, (B, T-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
+from rlhf_ray.losses import (
+    dpo_loss,
+    entropy_from_logits,
+    kl_penalty_loss,
+    masked_sum,
+    pairwise_reward_loss,
+    ppo_policy_loss,
+    sequence_logprobs,
+    sft_loss,
+    token_logprobs,
+    value_loss,
+)
+
+# Each ``*_terms`` returns ``(losses, stats)`` for one micro-batch: one loss per engine,
+# normalised by the GLOBAL count (tokens, sequences or pairs), so that summed over
+# micro-batches and ranks it is the full-batch loss; each stat is weighted the same way, so
+# the worker's sum over micro-batches and ranks is the global metric.
+
+Terms = tuple[list[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PPOLossSettings:
+    """The knobs of :func:`ppo_terms`; the defaults are those of ``LearnerWorker.ppo_step``.
+
+    clip_eps, clip_eps_high, dual_clip: see :func:`rlhf_ray.losses.ppo_policy_loss`.
+    kl_coef: weight of the KL-to-reference term added to the policy loss (0: reported only).
+    kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`rlhf_ray.losses.kl_penalty_loss`).
+    value_clip_eps: clip range of the value loss, or None for the plain squared error.
+    """
+
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    value_clip_eps: float | None = None
+
+
+def sft_terms(logits: torch.Tensor, mb: SequenceBatch, aggregation: str, num_tokens: float,
+              num_seqs: float) -> Terms:
+    """Response-only cross entropy of one micro-batch.
+
+    logits: (B, T, V), the policy's output on ``mb`` (B, T).
+    num_tokens / num_seqs: global response tokens / sequences (the normaliser of
+    ``aggregation``, ``"token_mean"`` or ``"seq_mean"``).
+    Returns ``[loss]`` (0-d) and the stats ``policy/loss`` and ``perf/tokens`` (real tokens of
+    ``mb``, a count).
+    """
+    loss = sft_loss(logits, mb.input_ids, mb.loss_mask, aggregation, num_tokens, num_seqs)
+    return [loss], {"policy/loss": loss, "perf/tokens": mb.attention_mask.sum()}
+
+
+def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceBatch,
+              settings: PPOLossSettings, aggregation: str, num_tokens: float, num_seqs: float,
+              real_tokens: float) -> Terms:
+    """Clipped policy loss (+ ``kl_coef`` * KL to the reference) and, with ``values``, the
+    value loss of one micro-batch.
+
+    logits: (B, T, V), the policy's output on ``mb``; values: (B, T-1) fp32 critic values or
+    None. ``mb``'s old/ref log-probs, advantages, returns and old values are (B, T-1).
+    Missing old log-probs / old values mean on-policy (ratio 1, no clip).
+    num_tokens / num_seqs: the loss normalisers of ``aggregation``; real_tokens: the real
+    global response-token count, which weights the token-mean stats (clip fractions,
+    entropy, value mean).
+    Returns ``[policy_loss]`` or ``[policy_loss, value_loss]`` (0-d each) and the stats.
+    """
+    agg = {"aggregation": aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs}
+    mask = mb.response_mask
+    share = mask.sum() / real_tokens  # weight of this micro-batch's token means
+    logprobs = token_logprobs(logits, mb.input_ids)
+    old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+    loss, m = ppo_policy_loss(logprobs, old, mb.advantages, mask, settings.clip_eps,
+                              settings.clip_eps_high, settings.dual_clip, **agg)
+    stats = {"policy/loss": loss, **{f"policy/{k}": v * share for k, v in m.items()}}
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits[:, :-1].float())
+        stats["policy/entropy"] = masked_sum(entropy, mask) / real_tokens
+    if mb.ref_logprobs is not None:
+        kl = kl_penalty_loss(logprobs, mb.ref_logprobs, mask, settings.kl_estimator, **agg)
+        stats["kl/ref"] = kl
+        if settings.kl_coef:
+            loss = loss + settings.kl_coef * kl
+    losses = [loss]
+    if values is not None:
+        old_v = values.detach() if mb.old_values is None else mb.old_values
+        v_loss, vm = value_loss(values, old_v, mb.returns, mask, settings.value_clip_eps, **agg)
+        losses.append(v_loss)
+        stats.update({"value/loss": v_loss, "value/clip_frac": vm["value_clip_frac"] * share,
+                      "value/mean": vm["values_mean"] * share})
+    stats["perf/tokens"] = mb.attention_mask.sum()
+    return losses, stats
+
+
+def dpo_terms(logits: torch.Tensor, both: SequenceBatch, mb: PreferenceBatch, beta: float,
+              loss_type: str, label_smoothing: float, num_pairs: float) -> Terms:
+    """DPO/IPO loss of one micro-batch of B pairs.
+
+    both: ``mb.stacked(pad_id)``, (2B, T), chosen rows first; logits: (2B, T, V), the
+    policy's output on ``both``. ``mb`` carries the (B,) summed reference log-probs.
+    num_pairs: global pair count; the mean loss of ``mb`` is weighted by ``B / num_pairs``.
+    Returns ``[loss]`` (0-d) and the ``dpo/*`` stats.
+    """
+    logps = sequence_logprobs(logits, both.input_ids, both.loss_mask)
+    b = len(mb)
+    out = dpo_loss(logps[:b], logps[b:], mb.ref_chosen_logps, mb.ref_rejected_logps, beta,
+                   loss_type, label_smoothing)
+    w = b / num_pairs
+    return [out.loss * w], {
+        "dpo/loss": out.loss * w, "dpo/accuracy": out.accuracy * w,
+        "dpo/chosen_rewards": out.chosen_rewards.sum() / num_pairs,
+        "dpo/rejected_rewards": out.rejected_rewards.sum() / num_pairs,
+        "dpo/margin": out.margins.sum() / num_pairs,
+        "dpo/chosen_logps": logps[:b].detach().sum() / num_pairs,
+        "perf/tokens": both.attention_mask.sum()}
+
+
+def rm_terms(scores: torch.Tensor, mb: PreferenceBatch, margin: float, num_pairs: float) -> Terms:
+    """Pairwise (Bradley-Terry) reward-model loss of one micro-batch of B pairs.
+
+    scores: (2B,) chosen then rejected, from :func:`rlhf_ray.models.sequence_scores` on
+    ``mb.stacked(pad_id)``; margin: required score margin (0: none).
+    num_pairs: global pair count; the mean loss of ``mb`` is weighted by ``B / num_pairs``.
+    Returns ``[loss]`` (0-d) and the ``rm/*`` stats.
+    """
+    b = len(mb)
+    out = pairwise_reward_loss(scores[:b], scores[b:], margin or None)
+    w = b / num_pairs
+    return [out.loss * w], {
+        "rm/loss": out.loss * w, "rm/accuracy": out.accuracy * w,
+        "rm/chosen_score": out.chosen_mean * w, "rm/rejected_score": out.rejected_mean * w,
+        "rm/margin": out.margin_mean * w,
+        "perf/tokens": mb.chosen.attention_mask.sum() + mb.rejected.attention_mask.sum()}

@@ -1,0 +1,123 @@
+"""The run lifecycle every recipe shares (``rlhf_ray.driver.run.Run``): refusals before
+anything is written, workers shut down in reverse on an error and on SIGTERM, and resume
+for the recipes that keep checkpoints (rs here; sft, rm, dpo and ppo in their own tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import ray
+
+from rlhf_ray.config import PrefsConfig, RewardConfig
+from rlhf_ray.config_loader import ConfigError, build_config
+from rlhf_ray.driver.run import Run
+
+
+@pytest.mark.parametrize("recipe", ["prefs", "generate", "doctor"])
+def test_recipes_without_checkpoints_refuse_resume_before_writing(tiny_cfg, tmp_path, recipe):
+    import importlib
+
+    cfg = tiny_cfg(recipe, tmp_path / "run", "resume=auto") if recipe != "doctor" else \
+        build_config(importlib.import_module("rlhf_ray.recipes").RECIPES["doctor"], None,
+                     [f"run_dir={tmp_path / 'run'}", "resume=auto"])
+    with pytest.raises(ConfigError, match=f"resume=auto: {recipe} .*(keeps no checkpoints|nothing to resume)"):
+        importlib.import_module(f"rlhf_ray.recipes.{recipe}").run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_pipeline_refuses_resume_in_its_config():
+    from rlhf_ray.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match="resume=auto: the pipeline keeps no checkpoints"):
+        build_config(PipelineConfig, None, ["resume=auto"])
+
+
+def test_an_error_shuts_down_every_worker_the_run_started(ray_local, tmp_path):
+    cfg = build_config(PrefsConfig, None, [f"run_dir={tmp_path}", "logging.wandb_mode=disabled",
+                                           "logging.progress_bar=false"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with Run(cfg, "prefs", resumable=None) as run:
+            first = run.roles.reward(RewardConfig(function="arithmetic"))
+            second = run.roles.reward(RewardConfig(function="arithmetic", num_replicas=2))
+            actors = first.workers + second.workers
+            assert all(ray.get(a.health.remote(), timeout=60) for a in actors)
+            raise RuntimeError("boom")
+    assert run.roles.groups == []
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.health.remote(), timeout=60)
+    assert (tmp_path / "config.yaml").is_file() and not (tmp_path / "summary.json").exists()
+
+
+SIGTERM_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from rlhf_ray.config import PrefsConfig, RewardConfig
+    from rlhf_ray.config_loader import build_config
+    from rlhf_ray.driver.run import Run
+
+    cfg = build_config(PrefsConfig, None, [f"run_dir={sys.argv[1]}", "logging.wandb_mode=disabled",
+                                           "ray.num_cpus=1", "ray.object_store_mb=128",
+                                           "ray.log_to_driver=false"])
+    with Run(cfg, "prefs", resumable=None) as run:
+        reward = run.roles.reward(RewardConfig(function="arithmetic"))
+        print("ready", reward.call("node_info")[0]["pid"], flush=True)
+        time.sleep(600)
+""")
+
+
+def test_sigterm_unwinds_the_run_and_stops_its_workers_and_ray(tmp_path):
+    """A job stop or a scheduler sends SIGTERM: the run exits 143, its worker processes and
+    its private Ray are gone, and no summary claims a finished run."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ), start_new_session=True)
+    try:
+        line = ""
+        deadline = time.time() + 240
+        while time.time() < deadline and not line.startswith("ready"):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert line.startswith("ready"), proc.stderr.read()[-3000:]
+        worker_pid = int(line.split()[1])
+        session = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+        deadline = time.time() + 30
+        while time.time() < deadline and any(psutil.pid_exists(p) for p in session | {worker_pid}):
+            time.sleep(0.5)
+        alive = [p for p in session | {worker_pid} if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], f"left running after SIGTERM: {alive}"
+        assert (tmp_path / "run" / "config.yaml").is_file()
+        assert not (tmp_path / "run" / "summary.json").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_rs_resumes_at_the_next_round_with_its_outputs(tiny_run, tmp_path):
+    first = tiny_run("rs", tmp_path, "rounds=1", "checkpoint.save_every=1")
+    assert first["start_round"] == 0 and first["outputs"]["checkpoint"].endswith("step_00000001")
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        tiny_run("rs", tmp_path, "rounds=2")
+    with pytest.raises(ConfigError, match="differs .* in threshold"):
+        tiny_run("rs", tmp_path, "rounds=2", "resume=auto", "threshold=0.5")
+    resumed = tiny_run("rs", tmp_path, "rounds=2", "resume=auto")
+    assert resumed["start_round"] == 1 and resumed["resumed_from"].endswith("step_00000001")
+    # both rounds' outputs are in the summary, the first carried over by the checkpoint
+    assert {"kept_round0", "kept_round1", "pairs_round0", "pairs_round1"} <= set(resumed["outputs"])
+    logged = [json.loads(x) for x in open(resumed["outputs"]["metrics"])]
+    assert [r["step"] for r in logged if "rs/kept" in r] == [1, 2]
+    assert resumed["metrics"]["sync/version"]["final"] == 2
+    assert resumed["metrics"]["eval/score"]["first"] == first["metrics"]["eval/score"]["first"]

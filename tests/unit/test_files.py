@@ -1,0 +1,36 @@
+"""The one atomic writer: a reader sees the old file or the new one, never a half-written one."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from rlhf_ray import files
+
+
+def test_writes_replace_the_file_and_leave_no_temporary(tmp_path):
+    path = tmp_path / "summary.json"
+    files.write_json_atomic(path, {"a": 1})
+    files.write_json_atomic(path, {"a": 2, "path": tmp_path})  # non-JSON values as strings
+    assert json.loads(path.read_text()) == {"a": 2, "path": str(tmp_path)}
+    files.write_jsonl_atomic(tmp_path / "rows.jsonl", [{"x": "é"}, {"x": 1.5}])
+    assert (tmp_path / "rows.jsonl").read_text(encoding="utf-8") == '{"x": "é"}\n{"x": 1.5}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "summary.json"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """A full disk while the new content is flushed: the old file stays whole, no temporary."""
+    path = tmp_path / "config.yaml"
+    files.write_atomic(path, "old: 1\n")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        files.write_atomic(path, "new: 2\n" * 1000)
+    assert path.read_text() == "old: 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

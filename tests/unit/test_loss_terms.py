@@ -1,0 +1,328 @@
+"""The learner's per-micro-batch loss terms against naive full-batch references.
+
+A batch is cut into uneven micro-batches the way the learner cuts it (``batch.split``, which
+also drops all-padding columns); each term is normalised by the global count, so the terms'
+losses must sum to the loss of the whole batch, their gradients must accumulate to its
+gradient, and their weighted stats must sum to the whole batch's metric. Logits come from an
+embedding table (logits = E[input_ids]), so a micro-batch's logits are the rows of the full
+batch's logits and gradients reach real parameters. Float64 throughout: the sums must agree
+to rounding.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
+from rlhf_ray.loss_terms import PPOLossSettings, dpo_terms, ppo_terms, rm_terms, sft_terms
+from rlhf_ray.losses import kl_penalty_loss, masked_mean, ppo_policy_loss, value_loss
+
+DT = torch.float64
+VOCAB = 13
+PAD = 0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def embedding(seed: int = 0) -> torch.nn.Embedding:
+    torch.manual_seed(seed)
+    return torch.nn.Embedding(VOCAB, VOCAB, dtype=DT)
+
+
+def sequences(prompt_lens: list[int], response_lens: list[int], seed: int) -> SequenceBatch:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(1, VOCAB, (n,), generator=g).tolist()
+
+    return SequenceBatch.from_pairs([(ids(p), ids(r)) for p, r in zip(prompt_lens, response_lens)],
+                                    PAD)
+
+
+def grads(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in module.parameters()])
+
+
+def close(a, b, rtol: float = 1e-10) -> bool:
+    """Equal to rounding (losses are float64 here)."""
+    return torch.allclose(torch.as_tensor(a, dtype=DT), torch.as_tensor(b, dtype=DT),
+                          rtol=rtol, atol=1e-12)
+
+
+def stat_close(a, b) -> bool:
+    """Equal to float32 rounding: masks, fractions and token shares are float32."""
+    return close(a, b, rtol=1e-6)
+
+
+def summed_terms(micro_batches: list, terms_of) -> tuple[list[torch.Tensor], dict]:
+    """Sum each loss and each stat over the micro-batches, backward on every loss."""
+    loss_sums: list[torch.Tensor] = []
+    stat_sums: dict[str, torch.Tensor] = {}
+    for mb in micro_batches:
+        losses, stats = terms_of(mb)
+        sum(losses).backward()
+        loss_sums = [x.detach() + y.detach() for x, y in zip(loss_sums, losses)] if loss_sums \
+            else [x.detach() for x in losses]
+        for k, v in stats.items():
+            stat_sums[k] = stat_sums.get(k, 0.0) + torch.as_tensor(v).detach().to(DT)
+    return loss_sums, stat_sums
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def naive_sft(logits: torch.Tensor, batch: SequenceBatch, aggregation: str) -> torch.Tensor:
+    """Cross entropy token by token: the mean over every response token of the batch, or the
+    mean over sequences of each sequence's mean (a sequence without targets counts as 0)."""
+    per_seq = []
+    for b in range(len(batch)):
+        logp = torch.log_softmax(logits[b], dim=-1)
+        nll = [-logp[t - 1, batch.input_ids[b, t]] for t in range(1, logits.shape[1])
+               if batch.loss_mask[b, t]]
+        per_seq.append(nll)
+    if aggregation == "token_mean":
+        return sum(x for seq in per_seq for x in seq) / sum(len(seq) for seq in per_seq)
+    return sum(sum(seq) / len(seq) if seq else 0.0 for seq in per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def test_sft_terms_sum_to_the_full_batch_loss(aggregation):
+    batch = sequences([2, 3, 1, 4, 2], [5, 1, 3, 2, 6], seed=1)  # micro-batches of 2, 2, 1 rows
+    num_tokens, num_seqs = float(batch.response_mask.sum()), float(len(batch))
+
+    ref_model = embedding()
+    expected = naive_sft(ref_model(batch.input_ids), batch, aggregation)
+    expected.backward()
+
+    model = embedding()
+    losses, stats = summed_terms(batch.split(2), lambda mb: sft_terms(
+        model(mb.input_ids), mb, aggregation, num_tokens, num_seqs))
+
+    assert close(losses[0], expected)
+    assert close(stats["policy/loss"], expected)
+    assert torch.allclose(grads(model), grads(ref_model), rtol=1e-9, atol=1e-12)
+    assert stats["perf/tokens"] == batch.attention_mask.sum()
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+def experience(seed: int, model: torch.nn.Module, on_policy: bool = False) -> ExperienceBatch:
+    base = sequences([2, 1, 3, 2, 1, 2], [4, 6, 1, 3, 5, 2], seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(base), base.input_ids.shape[1] - 1)
+    mask = base.response_mask
+
+    def noise(scale: float) -> torch.Tensor:
+        return scale * torch.randn(shape, generator=g, dtype=DT) * mask
+
+    with torch.no_grad():
+        logits = model(base.input_ids)
+        current = torch.log_softmax(logits[:, :-1], -1).gather(
+            -1, base.input_ids[:, 1:, None]).squeeze(-1)
+    return ExperienceBatch(
+        base.input_ids, base.attention_mask, base.loss_mask,
+        old_logprobs=None if on_policy else current + noise(0.5),  # some ratios clip
+        ref_logprobs=current + noise(0.3), advantages=noise(1.0), returns=noise(1.0),
+        old_values=None if on_policy else noise(1.0))
+
+
+def critic(batch: SequenceBatch, weights: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) values, a function of each next token (so micro-batch values are rows of the
+    full batch's)."""
+    return weights[batch.input_ids[:, 1:]]
+
+
+SETTINGS = PPOLossSettings(clip_eps=0.2, clip_eps_high=0.28, dual_clip=1.5, kl_coef=0.1,
+                           kl_estimator="k3", value_clip_eps=0.2)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def test_ppo_terms_sum_to_the_full_batch_losses_and_metrics(aggregation):
+    model = embedding(seed=2)
+    batch = experience(3, model)
+    mask = batch.response_mask
+    real_tokens = float(mask.sum())
+    agg = {"aggregation": aggregation, "num_tokens": real_tokens, "num_seqs": float(len(batch))}
+    torch.manual_seed(4)
+    weights = torch.randn(VOCAB, dtype=DT, requires_grad=True)
+
+    # the whole batch, straight from rlhf_ray.losses
+    logits = model(batch.input_ids)
+    logprobs = torch.log_softmax(logits[:, :-1], -1).gather(
+        -1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    policy, m = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask,
+                                SETTINGS.clip_eps, SETTINGS.clip_eps_high, SETTINGS.dual_clip,
+                                **agg)
+    kl = kl_penalty_loss(logprobs, batch.ref_logprobs, mask, SETTINGS.kl_estimator, **agg)
+    values = critic(batch, weights)
+    v_loss, vm = value_loss(values, batch.old_values, batch.returns, mask,
+                            SETTINGS.value_clip_eps, **agg)
+    (policy + SETTINGS.kl_coef * kl + v_loss).backward()
+    want_grads = grads(model), weights.grad.clone()
+    probs = torch.softmax(logits[:, :-1].detach(), -1)
+    entropy = -(probs * torch.log(probs)).sum(-1)
+    assert 0 < float(m["clip_frac"]) < 1 and float(m["dual_clip_frac"]) > 0  # both clips act
+
+    model.zero_grad()
+    weights.grad = None
+    losses, stats = summed_terms(batch.split(4), lambda mb: ppo_terms(
+        model(mb.input_ids), critic(mb, weights), mb, SETTINGS, aggregation, agg["num_tokens"],
+        agg["num_seqs"], real_tokens))
+
+    assert close(losses[0], policy + SETTINGS.kl_coef * kl)
+    assert close(losses[1], v_loss)
+    assert torch.allclose(grads(model), want_grads[0], rtol=1e-9, atol=1e-12)
+    assert torch.allclose(weights.grad, want_grads[1], rtol=1e-9, atol=1e-12)
+    assert close(stats["policy/loss"], policy)
+    assert close(stats["kl/ref"], kl)
+    assert close(stats["value/loss"], v_loss)
+    for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean"):
+        assert stat_close(stats[f"policy/{k}"], m[k]), k  # token means of the whole batch
+    assert stat_close(stats["value/clip_frac"], vm["value_clip_frac"])
+    assert stat_close(stats["value/mean"], vm["values_mean"])
+    assert stat_close(stats["policy/entropy"], masked_mean(entropy, mask))
+    assert stats["perf/tokens"] == batch.attention_mask.sum()
+
+
+def test_ppo_terms_on_policy_is_the_plain_policy_gradient_loss():
+    """No old log-probs: ratio 1, nothing clipped, loss = -sum(A) / tokens; no ref: no KL."""
+    model = embedding(seed=5)
+    batch = experience(6, model, on_policy=True)
+    batch.ref_logprobs = None
+    real_tokens = float(batch.response_mask.sum())
+    losses, stats = summed_terms(batch.split(3), lambda mb: ppo_terms(
+        model(mb.input_ids), None, mb, PPOLossSettings(kl_coef=0.5), "token_mean", real_tokens,
+        float(len(batch)), real_tokens))
+    assert len(losses) == 1 and "kl/ref" not in stats and "value/loss" not in stats
+    assert close(losses[0], -(batch.advantages * batch.response_mask).sum() / real_tokens)
+    assert stat_close(stats["policy/ratio_mean"], 1.0)
+    assert stats["policy/clip_frac"] == 0
+
+
+def test_ppo_loss_settings_defaults_are_those_of_ppo_step():
+    """ppo_step builds PPOLossSettings from its own keyword defaults (read from the source:
+    importing the learner needs Ray)."""
+    tree = ast.parse((ROOT / "rlhf_ray/workers/learner.py").read_text())
+    step = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                and n.name == "ppo_step")
+    args = step.args.args[-len(step.args.defaults):]
+    defaults = {a.arg: ast.literal_eval(d) for a, d in zip(args, step.args.defaults)}
+    settings = PPOLossSettings()
+    for field in ("clip_eps", "clip_eps_high", "dual_clip", "kl_coef", "kl_estimator",
+                  "value_clip_eps"):
+        assert getattr(settings, field) == defaults[field], field
+
+
+# --------------------------------------------------------------------------- DPO and RM
+
+
+def preferences(n: int, seed: int) -> PreferenceBatch:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, 6, (4, n), generator=g).tolist()
+    chosen = sequences(lens[0], lens[1], seed + 1)
+    rejected = sequences(lens[2], lens[3], seed + 2)
+    return PreferenceBatch(chosen, rejected, torch.randn(n, generator=g, dtype=DT) - 8,
+                           torch.randn(n, generator=g, dtype=DT) - 8)
+
+
+def naive_logp(model: torch.nn.Module, seq: SequenceBatch, row: int) -> torch.Tensor:
+    """Summed log-prob of one sequence's targets, token by token."""
+    logp = torch.log_softmax(model(seq.input_ids[row]), dim=-1)
+    return sum(logp[t - 1, seq.input_ids[row, t]] for t in range(1, seq.input_ids.shape[1])
+               if seq.loss_mask[row, t])
+
+
+@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0)])
+def test_dpo_terms_sum_to_the_full_batch_loss_and_metrics(loss_type, smoothing):
+    beta, n = 0.5, 5
+    batch = preferences(n, seed=7)
+
+    ref_model = embedding(seed=8)
+    pc = torch.stack([naive_logp(ref_model, batch.chosen, i) for i in range(n)])
+    pr = torch.stack([naive_logp(ref_model, batch.rejected, i) for i in range(n)])
+    h = (pc - batch.ref_chosen_logps) - (pr - batch.ref_rejected_logps)
+    if loss_type == "sigmoid":
+        per_pair = -(1 - smoothing) * F.logsigmoid(beta * h) - smoothing * F.logsigmoid(-beta * h)
+    else:
+        per_pair = (h - 1 / (2 * beta)) ** 2
+    expected = per_pair.mean()
+    expected.backward()
+
+    model = embedding(seed=8)
+
+    def terms(mb: PreferenceBatch):
+        both = mb.stacked(PAD)
+        return dpo_terms(model(both.input_ids), both, mb, beta, loss_type, smoothing, float(n))
+
+    losses, stats = summed_terms(batch.split(2), terms)  # 2, 2 and 1 pairs
+
+    assert close(losses[0], expected)
+    assert close(stats["dpo/loss"], expected)
+    assert torch.allclose(grads(model), grads(ref_model), rtol=1e-9, atol=1e-12)
+    chosen_rewards = beta * (pc - batch.ref_chosen_logps).detach()
+    rejected_rewards = beta * (pr - batch.ref_rejected_logps).detach()
+    margins = chosen_rewards - rejected_rewards
+    assert 0 < float((margins > 0).double().mean()) < 1  # the accuracy is not trivially 0 or 1
+    assert stat_close(stats["dpo/accuracy"], (margins > 0).double().mean())
+    assert stat_close(stats["dpo/chosen_rewards"], chosen_rewards.mean())
+    assert stat_close(stats["dpo/rejected_rewards"], rejected_rewards.mean())
+    assert stat_close(stats["dpo/margin"], margins.mean())
+    assert stat_close(stats["dpo/chosen_logps"], pc.detach().mean())
+    assert stats["perf/tokens"] == (batch.chosen.attention_mask.sum()
+                                    + batch.rejected.attention_mask.sum())
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.7])
+def test_rm_terms_sum_to_the_full_batch_loss_and_metrics(margin):
+    n = 7
+    batch = preferences(n, seed=9)
+    torch.manual_seed(10)
+    chosen = torch.randn(n, dtype=DT, requires_grad=True)
+    rejected = torch.randn(n, dtype=DT, requires_grad=True)
+
+    expected = sum(-F.logsigmoid(chosen[i] - rejected[i] - margin) for i in range(n)) / n
+    want = torch.autograd.grad(expected, [chosen, rejected])
+
+    losses, stats = [], {}
+    starts = range(0, n, 3)  # 3, 3 and 1 pairs
+    for mb, s in zip(batch.split(3), starts):
+        rows = slice(s, s + len(mb))
+        scores = torch.cat([chosen[rows], rejected[rows]])
+        mb_losses, mb_stats = rm_terms(scores, mb, margin, float(n))
+        losses.append(mb_losses[0])
+        for k, v in mb_stats.items():
+            stats[k] = stats.get(k, 0.0) + v.detach().to(DT)
+    total = sum(losses)
+    got = torch.autograd.grad(total, [chosen, rejected])
+
+    assert close(total, expected)
+    assert close(stats["rm/loss"], expected)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(got, want))
+    diff = (chosen - rejected).detach()
+    assert 0 < float((diff > 0).double().mean()) < 1
+    assert stat_close(stats["rm/accuracy"], (diff > 0).double().mean())
+    assert stat_close(stats["rm/chosen_score"], chosen.detach().mean())
+    assert stat_close(stats["rm/rejected_score"], rejected.detach().mean())
+    assert stat_close(stats["rm/margin"], diff.mean())
+    assert stats["perf/tokens"] == (batch.chosen.attention_mask.sum()
+                                    + batch.rejected.attention_mask.sum())
+
+
+# --------------------------------------------------------------------------- purity
+
+
+def test_loss_terms_imports_only_torch_batch_and_losses():
+    tree = ast.parse((ROOT / "rlhf_ray/loss_terms.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    allowed = {"__future__", "dataclasses", "torch", "rlhf_ray.batch", "rlhf_ray.losses"}
+    assert imported <= allowed, imported - allowed
