@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ray.config_loader import ConfigError, build_config, describe, to_dict
 from rlhf_ray.config import SFTConfig
+from rlhf_ray.config_loader import ConfigError, build_config, describe, to_dict
 from rlhf_ray.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.data.inspect import inspect_main
-from rlhf_ray.data.inspect import length_stats, percentile
+from rlhf_ray.data.inspect import inspect_main, length_stats, percentile
 
 HERE = Path(__file__).parent
 BAD, GOOD = HERE / "bad", HERE / "good"
