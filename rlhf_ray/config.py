@@ -249,10 +249,17 @@ class DoctorConfig(RunConfig):
 class KLConfig:
     coef: float = option(0.05, "KL penalty coefficient beta (initial value when adaptive).")
     mode: Literal["reward", "loss"] = option("reward", "Apply KL shaped into the token rewards, or as a loss term.")
-    estimator: Literal["k1", "k2", "k3"] = option("k1", "KL estimator (k1 in the reward, k3 as a loss is usual).")
+    reward_estimator: Literal["k1", "k2", "k3"] = option("k1", "KL estimate in the reward (mode=reward) and in the kl/mean metric; k1 is unbiased.")
+    loss_estimator: Literal["k1", "k2", "k3"] = option("k3", "KL loss term (mode=loss): k3 follows the gradient of KL(ref||policy), k2 of KL(policy||ref); k1 is refused (zero expected gradient).")
     adaptive: bool = option(False, "Adapt beta toward target (Ziegler et al. controller).")
     target: float = option(6.0, "Target KL per episode for the adaptive controller.")
     horizon: int = option(10000, "Adaptive controller horizon in episodes.")
+
+    def validate(self) -> None:
+        if self.loss_estimator == "k1":
+            raise ConfigError("kl.loss_estimator: k1 has zero expected gradient as a loss "
+                              "(E_pi[grad log pi] = 0), so the penalty would do nothing; use k3 "
+                              "(gradient of KL(ref||policy)) or k2 (gradient of KL(policy||ref))")
 
 
 @dataclass
@@ -293,6 +300,14 @@ class PPOConfig(RunConfig):
                               f"got {self.sampling.n}")
         if self.max_staleness < 0:
             raise ConfigError(f"max_staleness: expected >= 0, got {self.max_staleness}")
+        if self.sampling.temperature <= 0:
+            raise ConfigError(f"sampling.temperature: training samples need a temperature > 0 "
+                              f"(0 is greedy, which has no log-probs to train on), got {self.sampling.temperature}")
+        if self.sampling.top_p < 1.0 or self.sampling.top_k > 0:
+            raise ConfigError(f"sampling.top_p={self.sampling.top_p}, sampling.top_k={self.sampling.top_k}: "
+                              "training samples must come from the full distribution (top_p=1, "
+                              "top_k=-1); the learner's log-probs do not renormalise over a "
+                              "truncated vocabulary")
         if self.prompts_per_step < 1 or self.steps < 1 or self.chunk_size < 1:
             raise ConfigError("steps, prompts_per_step and chunk_size must be at least 1")
         if not (self.reward.model or self.reward.function):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.advantages import (
+    discounted_returns,
     expand_to_tokens,
     gae,
     grpo_advantages,
@@ -52,25 +53,33 @@ def critic_free_advantages(batch: ExperienceBatch, scores: torch.Tensor, estimat
                            gamma: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token advantages (B, T-1) for ``grpo``, ``rloo`` or ``reinforce++``.
 
-    ``scores`` (B,) are episode rewards; rows [g*G, (g+1)*G) share a prompt. For GRPO and
-    RLOO the KL to the reference (if ``kl_coef`` > 0) should be applied as a loss term; for
-    REINFORCE++ it is shaped into the token rewards before the returns are whitened.
+    ``scores`` (B,) are the task rewards; rows [g*G, (g+1)*G) share a prompt. With
+    ``kl_coef`` > 0 (KL in the reward) the penalty is applied per token, as the KL still to
+    come, and never normalised:
+
+        grpo / rloo:  A_t = group_advantage(score) - kl_coef * sum_{t' >= t} kl_t'
+        reinforce++:  returns of the KL-shaped token rewards, whitened over the batch
+
+    so the group baseline and its std see only the task score: a group whose samples all
+    scored alike gets advantages made of its KL penalty alone, not KL noise scaled up to
+    unit size. ``kl_t`` is :func:`kl_estimate` of the sampled tokens (``kl_estimator``).
     """
     mask = batch.response_mask
-    metrics: dict[str, float] = {}
-    if estimator == "grpo":
-        adv = expand_to_tokens(grpo_advantages(scores, group_size), mask)
-    elif estimator == "rloo":
-        adv = expand_to_tokens(rloo_advantages(scores, group_size), mask)
+    if kl_coef and batch.ref_logprobs is not None:
+        kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator) * mask
+    else:
+        kl = torch.zeros_like(mask)
+    if estimator in ("grpo", "rloo"):
+        group = grpo_advantages(scores, group_size) if estimator == "grpo" else \
+            rloo_advantages(scores, group_size)
+        adv = expand_to_tokens(group, mask) - kl_coef * discounted_returns(kl, mask, 1.0)
     elif estimator == "reinforce++":
-        kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator)
-              if batch.ref_logprobs is not None else torch.zeros_like(mask))
         rewards = shape_rewards_with_kl(scores, kl, mask, kl_coef)
         adv, _ = reinforce_pp_returns(rewards, mask, gamma)
     else:
         raise ValueError(f"advantage estimator {estimator!r} is not critic-free; choose one of "
                          "grpo, rloo, reinforce++ (gae needs a value model)")
-    metrics["policy/advantage_mean"] = float((adv * mask).sum() / mask.sum().clamp(min=1))
+    metrics = {"policy/advantage_mean": float((adv * mask).sum() / mask.sum().clamp(min=1))}
     return adv, metrics
 
 

@@ -44,6 +44,8 @@ class PPOLossSettings:
     kl_coef: weight of the KL-to-reference term added to the policy loss (0: reported only).
     kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`rlhf_ray.losses.kl_penalty_loss`).
     value_clip_eps: clip range of the value loss, or None for the plain squared error.
+    temperature: the sampling temperature; every log-prob (ratio, KL) and the entropy are
+        those of ``softmax(logits / temperature)``, the distribution the rollouts sampled.
     """
 
     clip_eps: float = 0.2
@@ -52,6 +54,7 @@ class PPOLossSettings:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     value_clip_eps: float | None = None
+    temperature: float = 1.0
 
 
 def sft_terms(logits: torch.Tensor, mb: SequenceBatch, aggregation: str, num_tokens: float,
@@ -85,6 +88,8 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceB
     agg = {"aggregation": aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs}
     mask = mb.response_mask
     share = mask.sum() / real_tokens  # weight of this micro-batch's token means
+    if settings.temperature != 1.0:
+        logits = logits / settings.temperature
     logprobs = token_logprobs(logits, mb.input_ids)
     old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
     loss, m = ppo_policy_loss(logprobs, old, mb.advantages, mask, settings.clip_eps,

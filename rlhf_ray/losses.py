@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from rlhf_ray.advantages import KLEstimator, kl_estimate
 
+LOSS_KL_ESTIMATORS: tuple[str, ...] = ("k2", "k3")  # k1 has zero expected gradient as a loss
+
 Aggregation = Literal["token_mean", "seq_mean"]
 Normaliser = float | torch.Tensor | None
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean")
@@ -444,12 +446,22 @@ def kl_penalty_loss(
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
 ) -> torch.Tensor:
-    """0-d KL(policy || reference) loss term (GRPO-style "KL in the loss"), unscaled.
+    """0-d KL penalty loss term (GRPO-style "KL in the loss"), unscaled.
 
-    ``logprobs`` (policy, with gradient), ``ref_logprobs`` and ``response_mask`` are (B, A).
-    ``estimator`` is ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`rlhf_ray.advantages.kl_estimate`;
-    ``"k3"`` is the low-variance, non-negative one used by GRPO). Multiply by the KL coefficient
-    in the caller; see :func:`aggregate` for the remaining arguments.
+    ``logprobs`` (policy, with gradient), ``ref_logprobs`` and ``response_mask`` are (B, A),
+    on tokens sampled from the policy. What the gradient of the loss estimates, in
+    expectation over those tokens (``tests/unit/test_kl_gradients.py`` checks it by exact
+    enumeration):
+
+    * ``"k3"``: the gradient of the forward KL(reference || policy) (GRPO's choice);
+    * ``"k2"``: the gradient of the reverse KL(policy || reference);
+    * ``"k1"``: zero, since E_pi[grad log pi] = 0: as a loss it does nothing, so it is refused.
+
+    Multiply by the KL coefficient in the caller; see :func:`aggregate` for the remaining
+    arguments.
     """
+    if estimator not in LOSS_KL_ESTIMATORS:
+        raise ValueError(f"KL loss estimator {estimator!r}: k1 has zero expected gradient as a "
+                         f"loss; choose one of {LOSS_KL_ESTIMATORS}")
     kl = kl_estimate(logprobs, ref_logprobs, estimator)
     return aggregate(kl, response_mask, aggregation, num_tokens, num_seqs)

@@ -119,7 +119,8 @@ class EpisodeStream:
         chunk.pending = 1
         if self.reference is not None:
             k = turn % len(self.reference)
-            self.inflight[self.reference.submit(k, "logprobs", chunk.episodes)] = ("logprobs", chunk, k)
+            self.inflight[self.reference.submit(k, "logprobs", chunk.episodes,
+                                                self.sampling.temperature)] = ("logprobs", chunk, k)
             chunk.pending = 2
 
     def _finish(self, chunk: PromptChunk) -> None:

@@ -199,20 +199,18 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl_ctl):
     batch = episodes_to_batch(episodes, pad_id)
     scores = torch.tensor([e.score for e in episodes], dtype=torch.float32)
     mask = batch.response_mask
-    kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, cfg.kl.estimator) * mask
+    kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, cfg.kl.reward_estimator) * mask
     metrics = {"kl/mean": float(kl.sum(-1).mean())}
     kl_coef_in_reward = kl_ctl.value if cfg.kl.mode == "reward" else 0.0
     if cfg.advantage == "gae":
         values = learners.call("forward_values", batch)[0]
         batch.advantages, batch.returns, m = gae_advantages(batch, scores, values, kl_coef_in_reward,
-                                                           cfg.kl.estimator, cfg.gamma, cfg.lam)
+                                                           cfg.kl.reward_estimator, cfg.gamma, cfg.lam)
         batch.old_values = values
         metrics.update({"value/mean_old": float((values * mask).sum() / mask.sum())})
-    else:
-        if cfg.advantage in ("grpo", "rloo") and kl_coef_in_reward:
-            scores = scores - kl_coef_in_reward * kl.sum(-1)  # sequence-level KL penalty in the reward
+    else:  # the KL penalty is added after the group normalisation, never scaled by it
         batch.advantages, m = critic_free_advantages(batch, scores, cfg.advantage, cfg.sampling.n,
-                                                     kl_coef_in_reward, cfg.kl.estimator, cfg.gamma)
+                                                     kl_coef_in_reward, cfg.kl.reward_estimator, cfg.gamma)
     m.pop("kl/mean", None)
     m.pop("kl/coef", None)
     return batch, {**metrics, **m}
@@ -230,8 +228,9 @@ def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, train_policy
             mini = batch.select(order[start: start + size])
             tokens = int(mini.response_mask.sum())
             results = learners.call_each("ppo_step", [
-                (shard, cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, kl_coef_in_loss, cfg.kl.estimator,
-                 cfg.value_clip_eps, "token_mean", tokens, len(mini), train_policy)
+                (shard, cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, kl_coef_in_loss, cfg.kl.loss_estimator,
+                 cfg.value_clip_eps, "token_mean", tokens, len(mini), train_policy,
+                 cfg.sampling.temperature)
                 for shard in mini.shards(len(learners))])
             for k, v in results[0].items():
                 totals[k] = totals.get(k, 0.0) + float(v)

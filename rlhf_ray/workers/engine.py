@@ -20,8 +20,11 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
     cpu_env_defaults(kv_cache_gib)
     from vllm import LLM
 
+    # processed_logprobs: the log-probs of the distribution sampled from (after temperature),
+    # which is what the learner's ratio and the KL compare against
     kwargs = dict(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-                  tensor_parallel_size=tensor_parallel_size, seed=seed)
+                  tensor_parallel_size=tensor_parallel_size, seed=seed,
+                  logprobs_mode="processed_logprobs")
     import torch
 
     if torch.cuda.is_available():

@@ -166,11 +166,12 @@ class LearnerWorker(WeightSender, Worker):
                  kl_coef: float = 0.0, kl_estimator: str = "k3",
                  value_clip_eps: float | None = None, aggregation: str = "token_mean",
                  num_tokens_global: int | None = None, num_seqs_global: int | None = None,
-                 train_policy: bool = True) -> dict:
+                 train_policy: bool = True, temperature: float = 1.0) -> dict:
         """One clipped-surrogate step (plus KL-in-loss with ``kl_coef``), and one value step
         when the learner has a value model. ``old_logprobs=None`` means on-policy (ratio 1).
         ``train_policy=False`` (critic warm-up) steps only the value model; the policy's
-        metrics are still reported."""
+        metrics are still reported. ``temperature``: the rollouts' sampling temperature; the
+        log-probs are those of ``softmax(logits / temperature)``."""
         self._need("causal_lm", "ppo_step")
         if not train_policy and self.value is None:
             raise ValueError("learner.ppo_step: train_policy=False needs a value model")
@@ -182,7 +183,7 @@ class LearnerWorker(WeightSender, Worker):
             raise ValueError("learner.ppo_step: kl_coef > 0 needs batch.ref_logprobs")
         settings = loss_terms.PPOLossSettings(
             clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-            kl_estimator=kl_estimator, value_clip_eps=value_clip_eps)
+            kl_estimator=kl_estimator, value_clip_eps=value_clip_eps, temperature=temperature)
         n_tok, n_seq, real_tok = self._counts(batch.response_mask.sum(), len(batch),
                                               num_tokens_global, num_seqs_global)
 
@@ -306,11 +307,12 @@ class LearnerWorker(WeightSender, Worker):
 
     # ------------------------------------------------------------------ inference
 
-    def forward_logprobs(self, batch: SequenceBatch):
-        """(B, T-1) fp32 next-token log-probs, no grad (0 beyond each micro-batch's width)."""
+    def forward_logprobs(self, batch: SequenceBatch, temperature: float = 1.0):
+        """(B, T-1) fp32 next-token log-probs of ``softmax(logits / temperature)``, no grad
+        (0 beyond each micro-batch's width)."""
         self._need("causal_lm", "forward_logprobs")
         return self._infer(self.model, batch, lambda mb: token_logprobs(
-            self._forward(self.model, mb).logits, mb.input_ids), shift=1)
+            self._forward(self.model, mb).logits / temperature, mb.input_ids), shift=1)
 
     def forward_values(self, batch: SequenceBatch):
         """(B, T-1) fp32 values: entry j is the value of the state before token j+1."""

@@ -6,8 +6,10 @@ from rlhf_ray.batch import Episode, SequenceBatch
 from rlhf_ray.workers.group import Worker
 
 
-def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_size: int) -> list[list[float]]:
-    """Log-probs (A_i,) of each episode's response tokens under ``model``, fp32, no grad."""
+def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_size: int,
+                      temperature: float = 1.0) -> list[list[float]]:
+    """Log-probs (A_i,) of each episode's response tokens under ``softmax(logits /
+    temperature)`` of ``model``, fp32, no grad."""
     import torch
 
     from rlhf_ray.losses import token_logprobs
@@ -18,7 +20,7 @@ def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_s
         batch = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
         with torch.no_grad():
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logprobs = token_logprobs(logits.float(), batch.input_ids)  # (B, T-1)
+            logprobs = token_logprobs(logits.float() / temperature, batch.input_ids)  # (B, T-1)
         for i, e in enumerate(chunk):
             first = len(e.prompt_ids) - 1  # logprobs[:, j] scores token j+1
             out.append(logprobs[i, first: first + len(e.response_ids)].tolist())
@@ -44,9 +46,10 @@ class ReferenceServer(Worker):
         self.pad_id = AutoTokenizer.from_pretrained(self.path).pad_token_id
         self.micro_batch_size = micro_batch_size
 
-    def logprobs(self, episodes: list[Episode]) -> list[list[float]]:
-        """Per-token reference log-probs of each episode's response, in order."""
-        return response_logprobs(self.model, episodes, self.pad_id, self.micro_batch_size)
+    def logprobs(self, episodes: list[Episode], temperature: float = 1.0) -> list[list[float]]:
+        """Per-token reference log-probs of each episode's response, in order, at the
+        rollouts' sampling ``temperature`` (the KL compares like with like)."""
+        return response_logprobs(self.model, episodes, self.pad_id, self.micro_batch_size, temperature)
 
     def sequence_logps(self, batch: SequenceBatch):
         """(B,) fp32 summed log-probs of each sequence's target tokens (``batch.loss_mask``),

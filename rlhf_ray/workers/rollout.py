@@ -42,7 +42,8 @@ class RolloutWorker(Worker):
 
         Returns ``len(prompts) * n`` episodes, grouped by prompt: the n samples of prompt i
         are contiguous and share ``prompt_index``. ``logprobs`` are the sampled tokens'
-        log-probabilities under the current weights (raw logits, before temperature).
+        log-probabilities under the current weights, of the distribution sampled from
+        (``softmax(logits / temperature)``; the raw logits when greedy).
         """
         from vllm import SamplingParams, TokensPrompt
 

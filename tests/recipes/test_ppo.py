@@ -45,7 +45,7 @@ def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_pat
 
 def test_rloo_with_staleness_one_runs_ahead_but_within_bound(ray_local, tmp_path):
     _, history = run_ppo(tmp_path, "advantage=rloo", "max_staleness=1", "steps=3", "kl.mode=loss",
-                         "kl.estimator=k3")
+                         "kl.loss_estimator=k3")
     assert len(history) == 3
     for h in history:
         assert all(h["trained_at_version"] - v <= 1 for v in h["versions_trained"]), h

@@ -472,7 +472,7 @@ def test_value_loss_matches_loop(clip_eps) -> None:  # type: ignore[no-untyped-d
     assert metrics["values_mean"].item() == pytest.approx(masked_mean(values, mask).item())
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
 def test_kl_penalty_loss_matches_loop(estimator: str) -> None:
     gen = torch.Generator().manual_seed(13)
     logp = torch.randn(3, 5, generator=gen, dtype=DT)
@@ -483,9 +483,16 @@ def test_kl_penalty_loss_matches_loop(estimator: str) -> None:
         for t in range(5):
             if mask[b, t]:
                 d = ref[b, t].item() - logp[b, t].item()
-                vals.append({"k1": -d, "k2": 0.5 * d * d, "k3": math.exp(d) - d - 1}[estimator])
+                vals.append({"k2": 0.5 * d * d, "k3": math.exp(d) - d - 1}[estimator])
     got = kl_penalty_loss(logp, ref, mask, estimator=estimator)  # type: ignore[arg-type]
     assert got.item() == pytest.approx(sum(vals) / len(vals))
+
+
+def test_k1_is_refused_as_a_kl_loss() -> None:
+    """k1's expected gradient is zero (see tests/unit/test_kl_gradients.py): a silent no-op."""
+    x = torch.zeros(1, 2, dtype=DT)
+    with pytest.raises(ValueError, match="k1 has zero expected gradient"):
+        kl_penalty_loss(x, x, torch.ones(1, 2), estimator="k1")
 
 
 # ---------------------------------------------------------------------------- import purity

@@ -155,6 +155,31 @@ def test_forward_logprobs_match_transformers(policy, tiny_llama):
     assert diff <= 1e-5, diff
 
 
+def test_forward_logprobs_and_ppo_step_use_the_sampling_temperature(policy, tiny_llama):
+    """Rollouts sampled at T score their tokens under softmax(logits / T): so must the learner,
+    or the PPO ratio starts away from 1 and the KL measures the temperature, not the policy."""
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch(4, seed=11)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model.load_state_dict(policy.call("get_state_dict")[0])
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    tempered = torch.log_softmax(logits[:, :-1] / 0.7, -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    ours = policy.call("forward_logprobs", batch, 0.7)[0]
+    mask = batch.attention_mask[:, 1:]
+    assert masked_max_diff(ours, tempered, mask) <= 1e-5
+    assert masked_max_diff(policy.call("forward_logprobs", batch)[0], tempered, mask) > 1e-2
+    # the first step on rollouts' tempered log-probs is on-policy: ratio 1, nothing clipped
+    exp = ExperienceBatch(**batch.tensors(), old_logprobs=ours, ref_logprobs=ours.clone(),
+                          advantages=torch.ones_like(ours) * batch.response_mask,
+                          returns=torch.zeros_like(ours))
+    first = policy.call("ppo_step", exp, 0.2, None, None, 0.0, "k3", None, "token_mean", None, None,
+                        True, 0.7)[0]
+    assert first["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and first["policy/clip_frac"] == 0.0
+    assert abs(first["kl/ref"]) < 1e-6
+
+
 def test_weight_sender_publishes_the_full_state(policy):
     import ray
 

@@ -17,11 +17,11 @@ FREE = WorkerResources(num_cpus=0)
 PROMPTS = ["What is 2 + 3?", "Name a colour.", "Say hello.", "Count to three."]
 
 
-def hf_response_logprobs(model, episodes: list[Episode]) -> list[torch.Tensor]:
+def hf_response_logprobs(model, episodes: list[Episode], temperature: float = 1.0) -> list[torch.Tensor]:
     batch = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in episodes], pad_id=2)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    lp = token_logprobs(logits.float(), batch.input_ids)
+    lp = token_logprobs(logits.float() / temperature, batch.input_ids)
     return [lp[i, len(e.prompt_ids) - 1: len(e.prompt_ids) - 1 + len(e.response_ids)]
             for i, e in enumerate(episodes)]
 
@@ -73,6 +73,28 @@ def test_weight_sync_changes_logprobs_to_match_new_weights(rollouts, tiny_llama)
     # back to the original weights, so other tests see version-0 behaviour
     original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     rollouts.call("load_weights", 0, [ray.put(original.state_dict())])
+
+
+def test_rollout_and_reference_logprobs_follow_the_sampling_temperature(rollouts, tiny_llama):
+    """At T = 0.7 vLLM samples from softmax(logits / 0.7): its reported log-probs, and the
+    reference's at the same temperature, are those of that distribution, not of the raw logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    episodes = rollouts.call("generate", PROMPTS[:2],
+                             SamplingConfig(n=2, max_new_tokens=12, seed=5, temperature=0.7))[0]
+
+    def max_diff(rows, expected):
+        return max((torch.tensor(r) - x).abs().max().item() for r, x in zip(rows, expected))
+
+    tempered, raw = hf_response_logprobs(model, episodes, 0.7), hf_response_logprobs(model, episodes)
+    assert max_diff([e.logprobs for e in episodes], tempered) <= 1e-4
+    assert max_diff([e.logprobs for e in episodes], raw) > 1e-2
+    reference = WorkerGroup(ReferenceServer, "reference", 1, resources=FREE, args=(tiny_llama,))
+    try:
+        assert max_diff(reference.call("logprobs", episodes, 0.7)[0], tempered) <= 1e-5
+    finally:
+        reference.shutdown()
 
 
 def _episodes(rollouts, n=2) -> list[Episode]:
