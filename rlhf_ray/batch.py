@@ -47,11 +47,21 @@ class SequenceBatch:
     input_ids:      (B, T) long, prompt then response then padding
     attention_mask: (B, T) long, 1 on real tokens
     loss_mask:      (B, T) float, 1 on target (response) tokens; loss_mask[:, 0] is always 0
+    position_ids:   (B, T) long or None; only for packed SFT rows (several examples in one
+                    row): positions restart at 0 with each example (0 on padding)
+    document_ids:   (B, T) long or None; only for packed rows: 1, 2, ... numbers the examples
+                    of a row, 0 on padding. When set, the model sees each example alone
+                    (a block-causal mask, :func:`rlhf_ray.data.block_causal_mask`)
+
+    Unpacked batches leave ``position_ids`` and ``document_ids`` None: positions 0..T-1 and a
+    plain causal mask over ``attention_mask``.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -122,14 +132,17 @@ class SequenceBatch:
 class ExperienceBatch(SequenceBatch):
     """A SequenceBatch plus what a policy-gradient update needs; all (B, T-1) next-token aligned.
 
-    old_logprobs: log-probs of the behaviour policy (recomputed by the learner or from vLLM)
-    ref_logprobs: log-probs of the frozen reference
-    advantages:   per-token advantages (0 outside the response)
-    returns:      value targets (only for GAE / a value model)
-    old_values:   value estimates at collection time (only with a value model)
+    old_logprobs:     log-probs of the policy the PPO ratio starts from: recomputed by the
+                      learners at train time (PPO's pi_old), or vLLM's when not recomputed
+    rollout_logprobs: log-probs the rollout engine reported as it sampled (pi_rollout)
+    ref_logprobs:     log-probs of the frozen reference
+    advantages:       per-token advantages (0 outside the response)
+    returns:          value targets (only for GAE / a value model)
+    old_values:       value estimates at collection time (only with a value model)
     """
 
     old_logprobs: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None

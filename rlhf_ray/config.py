@@ -127,6 +127,7 @@ class RolloutConfig:
     cpus_per_worker: float = option(0.5, "Ray CPUs reserved per rollout worker.")
     gpus_per_worker: float = option(0.0, "Ray GPUs reserved per rollout worker.")
     placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the rollout workers: pack or spread.")
+    dtype: Literal["float32", "bfloat16"] | None = option(None, "vLLM weights dtype (null: model.dtype); bf16 rollouts with fp32 learners need rollout_correction.")
 
 
 @dataclass
@@ -288,6 +289,8 @@ class PPOConfig(RunConfig):
     lam: float = option(0.95, "GAE lambda.")
     kl: KLConfig = section(KLConfig, "KL penalty against the frozen reference.")
     max_staleness: int = option(0, "Policy versions generation may run ahead of training (0: on-policy).")
+    rollout_correction: Literal["none", "tis", "mask"] = option("tis", "Correct for pi_old != pi_rollout (engine mismatch, staleness): truncated per-token IS weights (tis), a sequence mask (mask), or none.")
+    rollout_correction_cap: float = option(2.0, "tis: the cap C of min(pi_old/pi_rollout, C); mask: keep a sequence if its mean ratio is within [1/C, C].")
     chunk_size: int = option(4, "Prompts per generate call; finished chunks are scored while others generate.")
     eval_every: int = option(0, "Held-out evaluation every N steps (0: only first and last).")
     eval_prompts: int = option(32, "Held-out prompts per evaluation (greedy).")
@@ -300,6 +303,8 @@ class PPOConfig(RunConfig):
                               f"got {self.sampling.n}")
         if self.max_staleness < 0:
             raise ConfigError(f"max_staleness: expected >= 0, got {self.max_staleness}")
+        if self.rollout_correction_cap <= 1.0:
+            raise ConfigError(f"rollout_correction_cap: expected > 1, got {self.rollout_correction_cap}")
         if self.sampling.temperature <= 0:
             raise ConfigError(f"sampling.temperature: training samples need a temperature > 0 "
                               f"(0 is greedy, which has no log-probs to train on), got {self.sampling.temperature}")

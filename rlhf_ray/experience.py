@@ -36,8 +36,9 @@ def _place(rows: list[list[float]], episodes: list[Episode], shape: tuple[int, i
 
 
 def episodes_to_batch(episodes: list[Episode], pad_id: int) -> ExperienceBatch:
-    """Pack episodes into an ExperienceBatch with ``old_logprobs`` (as sampled) and
-    ``ref_logprobs`` (if every episode has them); advantages are filled in later."""
+    """Pack episodes into an ExperienceBatch with ``rollout_logprobs`` and ``old_logprobs``
+    (both as sampled, until the learners recompute ``old_logprobs``) and ``ref_logprobs``
+    (if every episode has them); advantages are filled in later."""
     base = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in episodes], pad_id)
     shape = (len(episodes), base.input_ids.shape[1] - 1)
     old = _place([e.logprobs for e in episodes], episodes, shape)
@@ -45,7 +46,8 @@ def episodes_to_batch(episodes: list[Episode], pad_id: int) -> ExperienceBatch:
            if all(e.ref_logprobs is not None for e in episodes) else None)
     versions = torch.tensor([e.policy_version for e in episodes], dtype=torch.long)
     return ExperienceBatch(base.input_ids, base.attention_mask, base.loss_mask,
-                           old_logprobs=old, ref_logprobs=ref, policy_versions=versions)
+                           old_logprobs=old, rollout_logprobs=old.clone(), ref_logprobs=ref,
+                           policy_versions=versions)
 
 
 def critic_free_advantages(batch: ExperienceBatch, scores: torch.Tensor, estimator: str,
@@ -97,3 +99,49 @@ def gae_advantages(batch: ExperienceBatch, scores: torch.Tensor, values: torch.T
     adv = masked_whiten(adv, mask)
     kl_seq = (kl * mask).sum(-1)
     return adv, returns, {"kl/mean": float(kl_seq.mean()), "kl/coef": float(kl_coef)}
+
+
+CORRECTIONS = ("none", "tis", "mask")
+
+
+def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                       response_mask: torch.Tensor, mode: str = "tis", cap: float = 2.0
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token loss weights (B, A) for the gap between the policy the learners train from
+    (``old_logprobs``, pi_old) and the engine that sampled (``rollout_logprobs``, pi_rollout).
+
+    With ``r_t = pi_old(a_t) / pi_rollout(a_t)``:
+
+    * ``tis``: truncated importance sampling, ``w_t = min(r_t, cap)`` per token;
+    * ``mask``: per sequence, ``w = 1`` if its geometric-mean ratio
+      ``exp(mean_t log r_t)`` lies in ``[1/cap, cap]``, else 0 (the whole sequence is dropped);
+    * ``none``: ``w = 1``.
+
+    The weights multiply the advantages; for ``w >= 0`` that is the same as weighting each
+    token's clipped surrogate, since ``min(r w A, clip(r) w A) = w min(r A, clip(r) A)``.
+    Metrics: ``rollout/mismatch_kl`` (k3 estimate of KL(pi_rollout || pi_old) per token on
+    the sampled tokens), ``rollout/is_weight_mean`` (raw ``r_t``, token mean),
+    ``rollout/is_clipped_frac`` (tokens capped, or sequences masked).
+    """
+    if mode not in CORRECTIONS:
+        raise ValueError(f"rollout_correction {mode!r}: choose one of {CORRECTIONS}")
+    if cap <= 1.0:
+        raise ValueError(f"rollout_correction_cap: expected > 1, got {cap}")
+    mask = response_mask.to(old_logprobs.dtype)
+    log_ratio = (old_logprobs - rollout_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    tokens = mask.sum().clamp(min=1)
+    metrics = {"rollout/mismatch_kl": float(((ratio - 1 - log_ratio) * mask).sum() / tokens),
+               "rollout/is_weight_mean": float((ratio * mask).sum() / tokens)}
+    if mode == "tis":
+        weights = ratio.clamp(max=cap) * mask
+        metrics["rollout/is_clipped_frac"] = float(((ratio > cap).to(mask.dtype) * mask).sum() / tokens)
+    elif mode == "mask":
+        seq_log_ratio = log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)
+        keep = (seq_log_ratio.abs() <= torch.log(torch.tensor(cap, dtype=mask.dtype))).to(mask.dtype)
+        weights = keep[:, None] * mask
+        metrics["rollout/is_clipped_frac"] = float(1.0 - keep.mean())
+    else:
+        weights = mask.clone()
+        metrics["rollout/is_clipped_frac"] = 0.0
+    return weights, metrics

@@ -19,8 +19,9 @@ Packing (:func:`pack_sft`) concatenates SFT examples, in order, into sequences o
 - ``document_ids`` number the examples 1, 2, ... (0 on padding).
 
 Attention across examples: a plain causal mask lets a token see the earlier examples of its
-pack. Attention kernels that read ``position_ids`` (flash-attention varlen) separate them;
-for eager or SDPA attention use :func:`block_causal_mask` to build a 4-D mask that does.
+pack. Run a pack with its ``position_ids`` and the 4-D mask :func:`block_causal_mask` builds
+from its ``document_ids`` (eager or SDPA attention): each example is then computed exactly as
+it would be alone (the learner does this for any batch that carries ``document_ids``).
 """
 
 from __future__ import annotations
@@ -130,9 +131,18 @@ def collate_packed(packs: Sequence[PackedExample], pad_id: int,
     return batch
 
 
-def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """A boolean ``(B, 1, T, T)`` mask, True where query ``i`` may attend to key ``j``: same
-    document, ``j <= i``, and not padding. Pass it as a 4-D ``attention_mask`` (SDPA/eager)."""
+def block_causal_mask(document_ids: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A ``(B, 1, T, T)`` mask of which key ``j`` query ``i`` may attend to: same document,
+    ``j <= i``, and not padding (``document_ids == 0``). A padding query attends to itself
+    only, so no softmax row is empty (no NaN); its output is never a target.
+
+    ``dtype=None``: boolean, True where attention is allowed. A floating ``dtype`` (the
+    model's): the additive form, 0 where allowed and ``torch.finfo(dtype).min`` elsewhere.
+    Pass the additive form as ``attention_mask`` to a transformers model: a 4-D mask is used
+    as given, and eager attention adds it to the scores (a boolean one would be added as 0/1
+    and mask nothing), while SDPA takes either form.
+    """
     import torch
 
     same = document_ids[:, :, None] == document_ids[:, None, :]
@@ -140,9 +150,14 @@ def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
     real = (document_ids != 0)[:, None, :]
     mask = same & causal & real
-    # Padding queries attend to themselves, so no softmax row is empty (avoids NaN).
     mask |= torch.eye(length, dtype=torch.bool, device=document_ids.device)
-    return mask[:, None]
+    mask = mask[:, None]
+    if dtype is None:
+        return mask
+    if not dtype.is_floating_point:
+        raise ValueError(f"block_causal_mask: dtype must be a floating dtype or None, got {dtype}")
+    bias = torch.zeros(mask.shape, dtype=dtype, device=document_ids.device)
+    return bias.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def collate_preference(examples: Sequence[PreferenceExample], pad_id: int,

@@ -57,11 +57,14 @@ def _format_hint(data: Any, recipe: str, error: DataError) -> str:
 
 
 def sequence_batch(examples: Sequence, pad_id: int) -> SequenceBatch:
-    """SFT examples (or packs) as a right-padded SequenceBatch; the loss mask covers responses."""
+    """SFT examples (or packs) as a right-padded SequenceBatch; the loss mask covers responses.
+    Packs keep their ``position_ids`` and ``document_ids``, so the learner runs each packed
+    example alone (unpacked examples leave both None)."""
     if examples and isinstance(examples[0], PackedExample):
         t = collate_packed(examples, pad_id)
-    else:
-        t = collate_sft(examples, pad_id)
+        return SequenceBatch(t["input_ids"], t["attention_mask"], t["loss_mask"].float(),
+                             position_ids=t["position_ids"], document_ids=t["document_ids"])
+    t = collate_sft(examples, pad_id)
     return SequenceBatch(t["input_ids"], t["attention_mask"], t["loss_mask"].float())
 
 

@@ -33,9 +33,9 @@ def train_step(learners: WorkerGroup, method: str, batch: Any, *args) -> dict[st
     return metrics
 
 
-def infer(learners: WorkerGroup, method: str, batch: SequenceBatch) -> torch.Tensor:
+def infer(learners: WorkerGroup, method: str, batch: SequenceBatch, *args) -> torch.Tensor:
     """A no-grad forward (``forward_logprobs`` / ``forward_scores``) over all ranks, in order."""
-    return torch.cat(call_sharded(learners, method, batch))
+    return torch.cat(call_sharded(learners, method, batch, *args))
 
 
 def export(learners: WorkerGroup, run_dir: str | Path) -> str:

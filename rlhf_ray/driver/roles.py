@@ -61,9 +61,10 @@ class Roles:
     # ------------------------------------------------------------------ the roles
 
     def rollouts(self, model: str, rollout: RolloutConfig, dtype: str, seed: int) -> WorkerGroup:
-        """``rollout.num_workers`` vLLM engines serving ``model``."""
+        """``rollout.num_workers`` vLLM engines serving ``model`` (in ``rollout.dtype``, or
+        ``dtype`` when that is null)."""
         return self._start(RolloutWorker, "rollout", rollout.num_workers,
-                           args=(model, rollout, dtype, seed),
+                           args=(model, rollout, rollout.dtype or dtype, seed),
                            resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
                                                      placement=rollout.placement))
 

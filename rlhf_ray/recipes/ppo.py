@@ -36,12 +36,18 @@ from rlhf_ray.assets import resolve_model
 from rlhf_ray.config import KLConfig, OptimConfig, PPOConfig
 from rlhf_ray.data import load_tokenizer
 from rlhf_ray.driver import batches, scaling
+from rlhf_ray.driver import learners as learner_calls
 from rlhf_ray.driver.episodes import check_groups, rollout_metrics
 from rlhf_ray.driver.evaluation import heldout_score
 from rlhf_ray.driver.prompts import load_prompts, prompts_for_step
 from rlhf_ray.driver.run import Run
 from rlhf_ray.driver.stream import EpisodeStream
-from rlhf_ray.experience import critic_free_advantages, episodes_to_batch, gae_advantages
+from rlhf_ray.experience import (
+    critic_free_advantages,
+    episodes_to_batch,
+    gae_advantages,
+    rollout_correction,
+)
 from rlhf_ray.files import write_jsonl_atomic
 from rlhf_ray.workers.group import WorkerGroup
 from rlhf_ray.workers.weight_sync import WeightSync
@@ -195,10 +201,20 @@ def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, worker
 
 
 def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl_ctl):
-    """Episodes -> ExperienceBatch with advantages (and returns / old values for gae)."""
+    """Episodes -> ExperienceBatch with advantages (and returns / old values for gae).
+
+    pi_old, the policy PPO's ratio starts from, is recomputed by the learners now, in their
+    precision: vLLM's sampling log-probs stay as ``rollout_logprobs``, and the gap between the
+    two is corrected (``rollout_correction``) and logged. With ``max_staleness > 0`` pi_old is
+    the learners' policy at train time, newer than the one that sampled (decoupled PPO: the
+    correction weights then also cover the staleness)."""
     batch = episodes_to_batch(episodes, pad_id)
     scores = torch.tensor([e.score for e in episodes], dtype=torch.float32)
     mask = batch.response_mask
+    batch.old_logprobs = learner_calls.infer(learners, "forward_logprobs", batch,
+                                             cfg.sampling.temperature) * mask
+    weights, correction = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, mask,
+                                             cfg.rollout_correction, cfg.rollout_correction_cap)
     kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, cfg.kl.reward_estimator) * mask
     metrics = {"kl/mean": float(kl.sum(-1).mean())}
     kl_coef_in_reward = kl_ctl.value if cfg.kl.mode == "reward" else 0.0
@@ -211,9 +227,10 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl_ctl):
     else:  # the KL penalty is added after the group normalisation, never scaled by it
         batch.advantages, m = critic_free_advantages(batch, scores, cfg.advantage, cfg.sampling.n,
                                                      kl_coef_in_reward, cfg.kl.reward_estimator, cfg.gamma)
+    batch.advantages = batch.advantages * weights
     m.pop("kl/mean", None)
     m.pop("kl/coef", None)
-    return batch, {**metrics, **m}
+    return batch, {**metrics, **m, **correction}
 
 
 def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, train_policy: bool = True) -> dict:

@@ -35,6 +35,7 @@ from rlhf_ray import loss_terms
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
 from rlhf_ray.config import LearnerConfig, OptimConfig
+from rlhf_ray.data.collate import block_causal_mask
 from rlhf_ray.losses import token_logprobs
 from rlhf_ray.models import load_model, sequence_scores
 from rlhf_ray.workers import deepspeed_setup
@@ -347,7 +348,12 @@ class LearnerWorker(WeightSender, Worker):
         return out
 
     def _forward(self, engine, mb: SequenceBatch):
-        return engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        if mb.document_ids is None:
+            return engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        # Packed rows: every example sees only itself, at its own positions, as if alone.
+        mask = block_causal_mask(mb.document_ids, getattr(torch, self.dtype))
+        return engine(input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids,
+                      use_cache=False)
 
     def _values(self, engine, mb: SequenceBatch):
         return self._forward(engine, mb).logits.squeeze(-1)[:, :-1].float()

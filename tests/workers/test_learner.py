@@ -155,6 +155,44 @@ def test_forward_logprobs_match_transformers(policy, tiny_llama):
     assert diff <= 1e-5, diff
 
 
+def test_packed_sft_batch_equals_its_examples_unpacked(policy):
+    """Packs from the driver (pack_sft -> sequence_batch) carry position and document ids; the
+    learner runs each packed example alone, so the held-out loss and the per-token log-probs
+    equal those of the examples unpacked. (A plain causal mask over the packs: the per-token
+    log-probs move by ~0.3.)"""
+    from rlhf_ray.data import SFTExample, pack_sft
+    from rlhf_ray.driver.batches import sequence_batch
+
+    g = torch.Generator().manual_seed(5)
+    examples = []
+    for row in range(7):
+        prompt, response = (int(torch.randint(3, 8, (1,), generator=g)),
+                            int(torch.randint(2, 13, (1,), generator=g)))
+        examples.append(SFTExample(torch.randint(100, 1000, (prompt + response,),
+                                                 generator=g).tolist(),
+                                   [0] * prompt + [1] * response, row=row))
+    packs = pack_sft(examples, 40)
+    assert 1 < len(packs) < len(examples) and len({len(p) for p in packs}) > 1
+    packed, unpacked = sequence_batch(packs, PAD), sequence_batch(examples, PAD)
+    assert packed.document_ids is not None and unpacked.document_ids is None
+
+    ev_packed = policy.call("evaluate", packed, "sft")[0]["eval/loss"]
+    ev_unpacked = policy.call("evaluate", unpacked, "sft")[0]["eval/loss"]
+    assert ev_packed == pytest.approx(ev_unpacked, rel=1e-5, abs=0)
+
+    lp_packed = policy.call("forward_logprobs", packed)[0]
+    lp_unpacked = policy.call("forward_logprobs", unpacked)[0]
+    i, diff = 0, 0.0
+    for p, pack in enumerate(packs):
+        start = 0
+        for _ in pack.rows:
+            n = len(examples[i].input_ids)
+            diff = max(diff, float((lp_packed[p, start: start + n - 1]
+                                    - lp_unpacked[i, : n - 1]).abs().max()))
+            start, i = start + n, i + 1
+    assert diff <= 1e-5, diff
+
+
 def test_forward_logprobs_and_ppo_step_use_the_sampling_temperature(policy, tiny_llama):
     """Rollouts sampled at T score their tokens under softmax(logits / T): so must the learner,
     or the PPO ratio starts away from 1 and the KL measures the temperature, not the policy."""
