@@ -10,6 +10,7 @@ Masks may be ``bool`` or float 0/1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -316,3 +317,139 @@ def expand_to_tokens(advantages: torch.Tensor, response_mask: torch.Tensor) -> t
         (B, A) with ``advantages[b]`` on the response tokens of row ``b`` and 0 on padding.
     """
     return advantages.unsqueeze(-1) * _float_mask(response_mask, advantages)
+
+
+def reinforce_pp_baseline_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    response_mask: torch.Tensor,
+    token_rewards: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025): group-mean baseline, then batch whitening.
+
+    With ``c_i = r_i - mean_{j in group(i)} r_j`` (rows grouped contiguously by ``G``)::
+
+        x[b, t] = c_b + sum_{t' >= t, t' in response} token_rewards[b, t']   (response tokens)
+        adv     = masked_whiten(x, response_mask)
+
+    i.e. the centred score broadcast to every response token (plus, optionally, the
+    reward-to-go of extra per-token rewards such as ``-kl_coef * kl``, gamma = 1), whitened
+    with the mean and population std over *all response tokens of the batch* (so a long
+    response weighs more in the statistics, as in :func:`masked_whiten`). Unlike GRPO there
+    is no per-group std, so a group of identical scores has ``c = 0`` and does not blow up.
+
+    Args:
+        scores: (B,) episode scores, ``B % G == 0``.
+        group_size: G.
+        response_mask: (B, A).
+        token_rewards: optional (B, A) extra per-token rewards (not centred).
+        eps: added to the variance in :func:`masked_whiten`.
+
+    Returns:
+        (B, A) advantages (detached), 0 on padding.
+    """
+    grouped = _grouped(scores.detach(), group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    m = _float_mask(response_mask, centred)
+    x = centred.unsqueeze(-1) * m
+    if token_rewards is not None:
+        x = x + discounted_returns(token_rewards.detach().to(x.dtype), response_mask, 1.0)
+    return masked_whiten(x, response_mask, eps=eps)
+
+
+# --- DAPO: dynamic sampling and overlong responses ------------------------------------------------
+
+
+def zero_variance_groups(
+    scores: torch.Tensor, group_size: int, atol: float = 1e-6
+) -> torch.Tensor:
+    """(B / G,) bool: True for the groups whose G scores are all equal (within ``atol``).
+
+    Such a group has zero GRPO/RLOO advantage on every sample, so it contributes no policy
+    gradient; DAPO's *dynamic sampling* drops these groups and samples more prompts until
+    the batch is full of informative groups. A group is constant when
+    ``max_j r_j - min_j r_j <= atol``. ``G = 1`` makes every group constant.
+
+    Args:
+        scores: (B,) episode scores, rows ``[g*G, (g+1)*G)`` belong to group ``g``.
+        group_size: G.
+        atol: absolute tolerance on the score range of a group.
+    """
+    grouped = _grouped(scores.detach(), group_size)
+    spread = grouped.max(dim=1).values - grouped.min(dim=1).values
+    return spread <= atol
+
+
+def kept_group_rows(keep_groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(K * G,) long row indices of the kept groups, in order, each group's rows contiguous.
+
+    ``keep_groups`` is a (B / G,) bool mask over groups (``K`` of them set), e.g.
+    ``~zero_variance_groups(scores, G)``; index any (B, ...) tensor with the result (or a
+    list of episodes with ``[episodes[i] for i in idx.tolist()]``) to keep whole groups.
+    """
+    if keep_groups.dim() != 1:
+        raise ValueError(f"keep_groups must be 1-D, got shape {tuple(keep_groups.shape)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    groups = torch.nonzero(keep_groups.bool(), as_tuple=False).reshape(-1)
+    offsets = torch.arange(group_size, device=groups.device)
+    return (groups.unsqueeze(-1) * group_size + offsets).reshape(-1)
+
+
+def overlong_penalty(
+    response_lengths: torch.Tensor,
+    max_new_tokens: int,
+    buffer_len: int,
+    penalty_factor: float = 1.0,
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), a (B,) reward to add to the scores.
+
+    With ``L = max_new_tokens``, ``C = buffer_len`` and ``n`` a response length::
+
+        0                              if n <= L - C
+        -penalty_factor * (n - (L - C)) / C    if L - C < n <= L
+        -penalty_factor                if n > L
+
+    so the penalty falls linearly from 0 at ``n = L - C`` to ``-penalty_factor`` at ``n = L``.
+    ``C = 0`` gives 0 up to ``L`` and ``-penalty_factor`` beyond it.
+
+    The hard alternative, *overlong filtering*, gives truncated responses zero loss weight
+    instead: see :func:`overlong_keep_mask`.
+
+    Args:
+        response_lengths: (B,) number of generated tokens of each response (int or float).
+        max_new_tokens: the generation budget L.
+        buffer_len: the punishment interval C, ``0 <= C <= L``.
+        penalty_factor: the penalty at ``n = L`` (positive number; the result is <= 0).
+
+    Returns:
+        (B,) floating tensor (float32 for integer lengths).
+    """
+    if not 0 <= buffer_len <= max_new_tokens:
+        raise ValueError(f"need 0 <= buffer_len <= max_new_tokens, got {buffer_len}, "
+                         f"{max_new_tokens}")
+    n = response_lengths if response_lengths.is_floating_point() else response_lengths.float()
+    start = max_new_tokens - buffer_len
+    if buffer_len > 0:
+        frac = ((n - start) / buffer_len).clamp(0.0, 1.0)
+    else:
+        frac = (n > max_new_tokens).to(n.dtype)
+    return -penalty_factor * frac
+
+
+def overlong_keep_mask(truncated: torch.Tensor | Sequence[str]) -> torch.Tensor:
+    """(B,) bool keep-mask for DAPO's *overlong filtering*: False for truncated responses.
+
+    ``truncated`` is either a (B,) bool tensor (True where the response hit the length limit)
+    or a sequence of B vLLM finish reasons (``"length"`` means truncated; ``"stop"`` and
+    anything else are kept). A truncated response has no meaningful outcome, so instead of
+    being punished it gets zero loss weight: multiply it into the response mask,
+    ``response_mask * keep[:, None]``, *after* the group advantages were computed from all
+    scores, and compute the global ``num_tokens`` from the masked mask.
+    """
+    if isinstance(truncated, torch.Tensor):
+        if truncated.dim() != 1:
+            raise ValueError(f"truncated must be (B,), got shape {tuple(truncated.shape)}")
+        return ~truncated.bool()
+    return torch.tensor([reason != "length" for reason in truncated], dtype=torch.bool)

@@ -264,6 +264,11 @@ class KLConfig:
 
 
 @dataclass
+class GRPOConfig:
+    normalize_std: bool = option(True, "Divide group-centred scores by the group's std (false: Dr. GRPO).")
+
+
+@dataclass
 class PPOConfig(RunConfig):
     model: ModelConfig = section(ModelConfig, "The policy to train (usually the SFT model).")
     reference: str | None = option(None, "Frozen reference model (null: the starting policy).")
@@ -276,7 +281,16 @@ class PPOConfig(RunConfig):
     optim: OptimConfig = section(OptimConfig, "Policy optimizer.")
     value_lr: float = option(1e-5, "Value-model learning rate (gae only).")
     value_warmup_steps: int = option(0, "First N steps train only the value model (gae only); the policy waits for a useful critic.")
-    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = option("grpo", "Advantage estimator; gae trains a value model.")
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++", "reinforce++-baseline"] = option("grpo", "Advantage estimator; gae trains a value model; reinforce++-baseline subtracts the group mean, then whitens over the batch.")
+    grpo: GRPOConfig = section(GRPOConfig, "GRPO's group normalisation.")
+    policy_loss: Literal["ppo", "gspo"] = option("ppo", "Token-level PPO ratios, or GSPO's one length-normalised ratio per sequence (set clip_eps ~3e-4).")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = option("token_mean", "How token losses become the batch loss; seq_mean_token_sum_norm divides each sequence's sum by sampling.max_new_tokens (Dr. GRPO).")
+    entropy_coef: float = option(0.0, "Entropy bonus weight (0: entropy only reported).")
+    dynamic_sampling: bool = option(False, "DAPO: drop prompt groups whose samples all scored the same, refilled from extra prompts.")
+    dynamic_sampling_rounds: int = option(2, "Extra generation rounds a step may use to refill dropped groups.")
+    overlong: Literal["none", "mask", "soft_penalty"] = option("none", "Truncated responses: kept as is, left out of the loss (mask), or penalised over the last overlong_buffer tokens (DAPO).")
+    overlong_buffer: int = option(0, "soft_penalty: tokens before max_new_tokens where the penalty ramps from 0 to -overlong_penalty.")
+    overlong_penalty: float = option(1.0, "soft_penalty: the penalty at max_new_tokens.")
     steps: int = option(10, "Policy versions to train (one rollout batch each).")
     prompts_per_step: int = option(8, "Prompts per rollout batch (episodes = prompts * sampling.n).")
     ppo_epochs: int = option(1, "Passes over each rollout batch.")
@@ -298,11 +312,23 @@ class PPOConfig(RunConfig):
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
 
     def validate(self) -> None:
-        if self.advantage in ("grpo", "rloo") and self.sampling.n < 2:
+        if (self.advantage in ("grpo", "rloo", "reinforce++-baseline") or self.dynamic_sampling) \
+                and self.sampling.n < 2:
             raise ConfigError(f"advantage={self.advantage} needs sampling.n >= 2 (a group per prompt), "
                               f"got {self.sampling.n}")
         if self.max_staleness < 0:
             raise ConfigError(f"max_staleness: expected >= 0, got {self.max_staleness}")
+        if self.policy_loss == "gspo" and self.clip_eps > 0.01:
+            raise ConfigError(f"clip_eps={self.clip_eps} with policy_loss=gspo: sequence ratios stay within "
+                              "~1e-3 of 1, so this never clips; use clip_eps=3e-4 clip_eps_high=4e-4")
+        if self.dynamic_sampling and self.advantage == "gae":
+            raise ConfigError("dynamic_sampling: groups are for grpo, rloo and reinforce++(-baseline), "
+                              "not gae")
+        if self.dynamic_sampling_rounds < 0 or self.overlong_buffer < 0:
+            raise ConfigError("dynamic_sampling_rounds and overlong_buffer: expected >= 0")
+        if self.overlong == "soft_penalty" and not 0 < self.overlong_buffer <= self.sampling.max_new_tokens:
+            raise ConfigError(f"overlong_buffer: soft_penalty needs 0 < overlong_buffer <= "
+                              f"sampling.max_new_tokens={self.sampling.max_new_tokens}, got {self.overlong_buffer}")
         if self.rollout_correction_cap <= 1.0:
             raise ConfigError(f"rollout_correction_cap: expected > 1, got {self.rollout_correction_cap}")
         if self.sampling.temperature <= 0:

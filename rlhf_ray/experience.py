@@ -15,6 +15,7 @@ from rlhf_ray.advantages import (
     grpo_advantages,
     kl_estimate,
     masked_whiten,
+    reinforce_pp_baseline_advantages,
     reinforce_pp_returns,
     rloo_advantages,
     shape_rewards_with_kl,
@@ -52,8 +53,10 @@ def episodes_to_batch(episodes: list[Episode], pad_id: int) -> ExperienceBatch:
 
 def critic_free_advantages(batch: ExperienceBatch, scores: torch.Tensor, estimator: str,
                            group_size: int, kl_coef: float = 0.0, kl_estimator: str = "k1",
-                           gamma: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token advantages (B, T-1) for ``grpo``, ``rloo`` or ``reinforce++``.
+                           gamma: float = 1.0, normalize_std: bool = True
+                           ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token advantages (B, T-1) for ``grpo``, ``rloo``, ``reinforce++`` or
+    ``reinforce++-baseline``. ``normalize_std=False``: GRPO without the group std (Dr. GRPO).
 
     ``scores`` (B,) are the task rewards; rows [g*G, (g+1)*G) share a prompt. With
     ``kl_coef`` > 0 (KL in the reward) the penalty is applied per token, as the KL still to
@@ -61,6 +64,8 @@ def critic_free_advantages(batch: ExperienceBatch, scores: torch.Tensor, estimat
 
         grpo / rloo:  A_t = group_advantage(score) - kl_coef * sum_{t' >= t} kl_t'
         reinforce++:  returns of the KL-shaped token rewards, whitened over the batch
+        reinforce++-baseline: (score - group mean) - kl_coef * sum_{t' >= t} kl_t',
+                      whitened over the batch
 
     so the group baseline and its std see only the task score: a group whose samples all
     scored alike gets advantages made of its KL penalty alone, not KL noise scaled up to
@@ -72,15 +77,17 @@ def critic_free_advantages(batch: ExperienceBatch, scores: torch.Tensor, estimat
     else:
         kl = torch.zeros_like(mask)
     if estimator in ("grpo", "rloo"):
-        group = grpo_advantages(scores, group_size) if estimator == "grpo" else \
-            rloo_advantages(scores, group_size)
+        group = grpo_advantages(scores, group_size, normalize_std=normalize_std) \
+            if estimator == "grpo" else rloo_advantages(scores, group_size)
         adv = expand_to_tokens(group, mask) - kl_coef * discounted_returns(kl, mask, 1.0)
+    elif estimator == "reinforce++-baseline":
+        adv = reinforce_pp_baseline_advantages(scores, group_size, mask, -kl_coef * kl if kl_coef else None)
     elif estimator == "reinforce++":
         rewards = shape_rewards_with_kl(scores, kl, mask, kl_coef)
         adv, _ = reinforce_pp_returns(rewards, mask, gamma)
     else:
         raise ValueError(f"advantage estimator {estimator!r} is not critic-free; choose one of "
-                         "grpo, rloo, reinforce++ (gae needs a value model)")
+                         "grpo, rloo, reinforce++, reinforce++-baseline (gae needs a value model)")
     metrics = {"policy/advantage_mean": float((adv * mask).sum() / mask.sum().clamp(min=1))}
     return adv, metrics
 

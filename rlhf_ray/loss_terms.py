@@ -17,7 +17,9 @@ import torch
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
 from rlhf_ray.losses import (
     dpo_loss,
+    entropy_bonus_loss,
     entropy_from_logits,
+    gspo_policy_loss,
     kl_penalty_loss,
     masked_sum,
     pairwise_reward_loss,
@@ -46,6 +48,12 @@ class PPOLossSettings:
     value_clip_eps: clip range of the value loss, or None for the plain squared error.
     temperature: the sampling temperature; every log-prob (ratio, KL) and the entropy are
         those of ``softmax(logits / temperature)``, the distribution the rollouts sampled.
+    aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum_norm``
+        (Dr. GRPO: each sequence's token sum over ``norm_len``); see :func:`rlhf_ray.losses.aggregate`.
+    norm_len: the constant of ``seq_mean_token_sum_norm`` (the generation budget).
+    policy_loss: ``ppo`` (token ratios) or ``gspo`` (one length-normalised ratio per sequence,
+        :func:`rlhf_ray.losses.gspo_policy_loss`).
+    entropy_coef: weight of the entropy bonus (0: the entropy is only reported).
     """
 
     clip_eps: float = 0.2
@@ -55,6 +63,10 @@ class PPOLossSettings:
     kl_estimator: str = "k3"
     value_clip_eps: float | None = None
     temperature: float = 1.0
+    aggregation: str = "token_mean"
+    norm_len: float | None = None
+    policy_loss: str = "ppo"
+    entropy_coef: float = 0.0
 
 
 def sft_terms(logits: torch.Tensor, mb: SequenceBatch, aggregation: str, num_tokens: float,
@@ -72,7 +84,7 @@ def sft_terms(logits: torch.Tensor, mb: SequenceBatch, aggregation: str, num_tok
 
 
 def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceBatch,
-              settings: PPOLossSettings, aggregation: str, num_tokens: float, num_seqs: float,
+              settings: PPOLossSettings, num_tokens: float, num_seqs: float,
               real_tokens: float) -> Terms:
     """Clipped policy loss (+ ``kl_coef`` * KL to the reference) and, with ``values``, the
     value loss of one micro-batch.
@@ -80,24 +92,28 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceB
     logits: (B, T, V), the policy's output on ``mb``; values: (B, T-1) fp32 critic values or
     None. ``mb``'s old/ref log-probs, advantages, returns and old values are (B, T-1).
     Missing old log-probs / old values mean on-policy (ratio 1, no clip).
-    num_tokens / num_seqs: the loss normalisers of ``aggregation``; real_tokens: the real
+    num_tokens / num_seqs: the loss normalisers of ``settings.aggregation``; real_tokens: the real
     global response-token count, which weights the token-mean stats (clip fractions,
     entropy, value mean).
     Returns ``[policy_loss]`` or ``[policy_loss, value_loss]`` (0-d each) and the stats.
     """
-    agg = {"aggregation": aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs}
+    agg = {"aggregation": settings.aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs,
+           "norm_len": settings.norm_len}
     mask = mb.response_mask
     share = mask.sum() / real_tokens  # weight of this micro-batch's token means
     if settings.temperature != 1.0:
         logits = logits / settings.temperature
     logprobs = token_logprobs(logits, mb.input_ids)
     old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
-    loss, m = ppo_policy_loss(logprobs, old, mb.advantages, mask, settings.clip_eps,
-                              settings.clip_eps_high, settings.dual_clip, **agg)
+    policy_loss = gspo_policy_loss if settings.policy_loss == "gspo" else ppo_policy_loss
+    loss, m = policy_loss(logprobs, old, mb.advantages, mask, settings.clip_eps,
+                          settings.clip_eps_high, settings.dual_clip, **agg)
     stats = {"policy/loss": loss, **{f"policy/{k}": v * share for k, v in m.items()}}
     with torch.no_grad():
         entropy = entropy_from_logits(logits[:, :-1].float())
         stats["policy/entropy"] = masked_sum(entropy, mask) / real_tokens
+    if settings.entropy_coef:
+        loss = loss + settings.entropy_coef * entropy_bonus_loss(logits[:, :-1], mask, **agg)
     if mb.ref_logprobs is not None:
         kl = kl_penalty_loss(logprobs, mb.ref_logprobs, mask, settings.kl_estimator, **agg)
         stats["kl/ref"] = kl

@@ -15,9 +15,13 @@ every micro-batch equally instead of every token. :func:`aggregate` therefore ac
 * ``mode="token_mean"``: ``loss = sum(loss_per_token * mask) / num_tokens`` where
   ``num_tokens`` is the number of response tokens in the whole global batch (all micro-batches
   on all data-parallel ranks).
-* ``mode="seq_mean"``: each sequence's loss is the mean over its own response tokens, and
-  ``loss = sum(seq_losses) / num_seqs`` where ``num_seqs`` is the number of sequences in the
-  global batch.
+* ``mode="seq_mean_token_mean"`` (alias ``"seq_mean"``): each sequence's loss is the mean
+  over its own response tokens, and ``loss = sum(seq_losses) / num_seqs`` where ``num_seqs``
+  is the number of sequences in the global batch.
+* ``mode="seq_mean_token_sum_norm"`` (Dr. GRPO, Liu et al. 2025): each sequence's loss is the
+  *sum* over its response tokens divided by a constant ``norm_len`` (the generation budget,
+  e.g. ``max_new_tokens``), and ``loss = sum(seq_losses) / num_seqs``. ``norm_len`` must be
+  the same constant for every micro-batch (never a padded width), so it has no default.
 
 With these normalisers the micro-batch losses simply *sum* to the full-batch loss, so calling
 ``backward()`` on each micro-batch loss and accumulating gradients gives exactly the full-batch
@@ -38,9 +42,15 @@ from rlhf_ray.advantages import KLEstimator, kl_estimate
 
 LOSS_KL_ESTIMATORS: tuple[str, ...] = ("k2", "k3")  # k1 has zero expected gradient as a loss
 
-Aggregation = Literal["token_mean", "seq_mean"]
+Aggregation = Literal[
+    "token_mean", "seq_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"
+]
 Normaliser = float | torch.Tensor | None
-AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean")
+AGGREGATIONS: tuple[str, ...] = (
+    "token_mean", "seq_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"
+)
+# aggregations whose normaliser is the global number of sequences
+SEQ_AGGREGATIONS: tuple[str, ...] = ("seq_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
 
 # Log-ratios beyond this are clamped before exp() so that a stale sample cannot overflow.
@@ -83,16 +93,26 @@ def aggregate(
     mode: Aggregation = "token_mean",
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
+    norm_len: float | None = None,
 ) -> torch.Tensor:
     """Reduce a (B, A) per-token loss to a 0-d loss under a (B, A) ``response_mask``.
 
+    With ``m`` the mask, ``l`` the per-token loss and ``n_b = sum_t m[b, t]``:
+
+    * ``"token_mean"``: ``sum_{b,t} m l / num_tokens`` (every token of the global batch
+      weighs the same);
+    * ``"seq_mean_token_mean"`` or its alias ``"seq_mean"``:
+      ``sum_b (sum_t m l / n_b) / num_seqs`` (every sequence weighs the same);
+    * ``"seq_mean_token_sum_norm"`` (Dr. GRPO): ``sum_b (sum_t m l / norm_len) / num_seqs``
+      (every token weighs the same, with a constant that does not depend on the batch).
+
     Args:
-        mode: ``"token_mean"`` (every token of the global batch weighs the same) or
-            ``"seq_mean"`` (mean over tokens within each sequence, then mean over sequences).
         num_tokens: global number of response tokens, used by ``"token_mean"``. Defaults to
             ``response_mask.sum()`` of this (micro-)batch.
-        num_seqs: global number of sequences, used by ``"seq_mean"``. Defaults to ``B``.
+        num_seqs: global number of sequences, used by the sequence modes. Defaults to ``B``.
             A sequence with no response token contributes 0 but is still counted.
+        norm_len: the constant of ``"seq_mean_token_sum_norm"`` (e.g. ``max_new_tokens``);
+            required by that mode, ignored by the others.
 
     Passing the global normaliser makes micro-batch losses *sum* to the full-batch loss (see
     the module docstring); the normaliser of the mode not in use is ignored.
@@ -106,11 +126,19 @@ def aggregate(
     if mode == "token_mean":
         denom = m.sum().clamp_min(1.0) if num_tokens is None else num_tokens
         return (loss_per_token * m).sum() / denom
-    if mode == "seq_mean":
+    if mode in SEQ_AGGREGATIONS:
         if loss_per_token.dim() != 2:
-            raise ValueError("seq_mean aggregation needs a (B, A) loss")
-        lengths = m.sum(dim=-1).clamp_min(1.0)
-        per_seq = (loss_per_token * m).sum(dim=-1) / lengths
+            raise ValueError(f"{mode} aggregation needs a (B, A) loss")
+        sums = (loss_per_token * m).sum(dim=-1)
+        if mode == "seq_mean_token_sum_norm":
+            if norm_len is None or norm_len <= 0:
+                raise ValueError(
+                    "seq_mean_token_sum_norm needs a constant norm_len > 0 (e.g. max_new_tokens), "
+                    f"got {norm_len}"
+                )
+            per_seq = sums / norm_len
+        else:
+            per_seq = sums / m.sum(dim=-1).clamp_min(1.0)
         denom = loss_per_token.shape[0] if num_seqs is None else num_seqs
         return per_seq.sum() / denom
     raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
@@ -176,6 +204,7 @@ def sft_loss(
     aggregation: Aggregation = "token_mean",
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
+    norm_len: float | None = None,
 ) -> torch.Tensor:
     """0-d next-token cross-entropy over the target tokens in ``loss_mask``.
 
@@ -184,11 +213,12 @@ def sft_loss(
         input_ids: (B, T).
         loss_mask: (B, T) 1 on the target tokens that count (response tokens), aligned with
             ``input_ids``.
-        aggregation, num_tokens, num_seqs: see :func:`aggregate`; the global ``num_tokens`` is
-            ``loss_mask[:, 1:].sum()`` over the whole global batch.
+        aggregation, num_tokens, num_seqs, norm_len: see :func:`aggregate`; the global
+            ``num_tokens`` is ``loss_mask[:, 1:].sum()`` over the whole global batch.
     """
     nll = -token_logprobs(logits, input_ids)
-    return aggregate(nll, loss_mask[:, 1:], aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+    return aggregate(nll, loss_mask[:, 1:], aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+                     norm_len=norm_len)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -204,6 +234,39 @@ def masked_entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.T
     """0-d mean entropy over the masked positions of (B, A, V) ``logits`` aligned with a
     (B, A) ``response_mask``."""
     return masked_mean(entropy_from_logits(logits), response_mask)
+
+
+def entropy_bonus_loss(
+    logits: torch.Tensor,
+    response_mask: torch.Tensor,
+    aggregation: Aggregation = "token_mean",
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
+    norm_len: float | None = None,
+) -> torch.Tensor:
+    """0-d entropy-bonus loss term: the *negative* aggregated entropy, with gradient.
+
+    ``loss = -aggregate(H, response_mask)`` with ``H[b, t] = logsumexp(z) - sum softmax(z) z``
+    the entropy (nats) of ``softmax(logits[b, t])``; add ``entropy_coef * loss`` to the policy
+    loss so that minimising it raises the entropy. ``d H / d z_k = -p_k (log p_k + H)``.
+
+    Args:
+        logits: (B, A, V), aligned with the mask: position ``t`` is the distribution that
+            sampled response token ``t`` (for next-token aligned (B, T-1) masks pass
+            ``logits[:, :-1]``, already divided by the sampling temperature). Half-precision
+            logits are upcast to float32 (an extra (B, A, V) copy).
+        response_mask: (B, A).
+        aggregation, num_tokens, num_seqs, norm_len: see :func:`aggregate`.
+    """
+    if logits.dim() != 3 or logits.shape[:2] != response_mask.shape:
+        raise ValueError(
+            f"expected logits (B, A, V) and response_mask (B, A), got {tuple(logits.shape)} "
+            f"and {tuple(response_mask.shape)}"
+        )
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    entropy = entropy_from_logits(logits)
+    return -aggregate(entropy, response_mask, aggregation, num_tokens, num_seqs, norm_len)
 
 
 # --- Preference losses ----------------------------------------------------------------------------
@@ -337,6 +400,7 @@ def ppo_policy_loss(
     aggregation: Aggregation = "token_mean",
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
+    norm_len: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate PPO policy loss (Schulman et al. 2017), with optional dual clip.
 
@@ -355,7 +419,7 @@ def ppo_policy_loss(
         clip_eps: lower clip range (and upper, unless ``clip_eps_high`` is given).
         clip_eps_high: upper clip range ("clip-higher", DAPO); defaults to ``clip_eps``.
         dual_clip: dual-clip constant ``c > 1``, or ``None`` to disable.
-        aggregation, num_tokens, num_seqs: see :func:`aggregate`.
+        aggregation, num_tokens, num_seqs, norm_len: see :func:`aggregate`.
 
     Returns:
         ``(loss, metrics)``: ``loss`` is a 0-d tensor; ``metrics`` maps to detached 0-d tensors
@@ -385,7 +449,7 @@ def ppo_policy_loss(
     else:
         dual_active = torch.zeros_like(response_mask, dtype=torch.bool)
 
-    loss = aggregate(loss_per_token, response_mask, aggregation, num_tokens, num_seqs)
+    loss = aggregate(loss_per_token, response_mask, aggregation, num_tokens, num_seqs, norm_len)
     with torch.no_grad():
         log_ratio_detached = log_ratio.detach()
         metrics = {
@@ -393,6 +457,97 @@ def ppo_policy_loss(
             "dual_clip_frac": masked_mean(dual_active.float(), response_mask),
             "approx_kl": masked_mean(torch.expm1(log_ratio_detached) - log_ratio_detached,
                                    response_mask),
+            "ratio_mean": masked_mean(ratio.detach(), response_mask),
+        }
+    return loss, metrics
+
+
+def gspo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float = 3e-4,
+    clip_eps_high: float | None = 4e-4,
+    dual_clip: float | None = None,
+    aggregation: Aggregation = "seq_mean_token_mean",
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
+    norm_len: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO policy loss (Zheng et al. 2025, "Group Sequence Policy Optimization"), token form.
+
+    The importance ratio is the *sequence* likelihood ratio normalised by length::
+
+        s_i = (pi(y_i | x) / pi_old(y_i | x)) ** (1 / |y_i|)
+            = exp(mean_{t in y_i} (logprobs[i, t] - old_logprobs[i, t]))
+
+    and, as in the paper's "GSPO-token", every response token gets
+
+        s_{i,t} = sg[s_i] * exp(logprobs[i, t] - sg[logprobs[i, t]])   (value s_i)
+        loss_{i,t} = max(-A_{i,t} s_{i,t}, -A_{i,t} clip(s_{i,t}, 1 - clip_eps, 1 + clip_eps_high))
+
+    (``sg`` = stop-gradient), so ``d s_{i,t} / d logprobs[i, t] = s_i``. With the default
+    ``aggregation="seq_mean_token_mean"`` (the paper's ``1/G sum_i 1/|y_i| sum_t``) and a
+    per-sequence advantage ``A_{i,t} = A_i``, the loss and its gradient equal those of the
+    sequence-level objective ``-1/N sum_i min(s_i A_i, clip(s_i) A_i)``: clipping switches a
+    whole sequence off. Other aggregations reweight the tokens (``token_mean``: by length).
+    The sequence log-ratio is clamped to +-20 before exp().
+
+    Args:
+        logprobs: (B, A) current-policy log-probs of the sampled response tokens.
+        old_logprobs: (B, A) log-probs under the sampling policy.
+        advantages: (B, A) per-token advantages (constant along a row for GRPO), or (B,).
+        response_mask: (B, A).
+        clip_eps, clip_eps_high: lower / upper clip range of the *sequence* ratio; the
+            defaults 3e-4 / 4e-4 are the paper's (sequence ratios stay close to 1, so PPO's
+            0.2 would almost never clip). ``clip_eps_high=None`` means ``clip_eps``.
+        dual_clip: as in :func:`ppo_policy_loss` (cap ``c |A|`` for ``A < 0``), or None.
+        aggregation, num_tokens, num_seqs, norm_len: see :func:`aggregate`.
+
+    Returns:
+        ``(loss, metrics)`` like :func:`ppo_policy_loss`, with the same keys, each a detached
+        masked mean over this batch's tokens: ``clip_frac`` (tokens, i.e. length-weighted
+        sequences, whose clipped branch is active), ``dual_clip_frac``, ``approx_kl`` (k3 of
+        the *token* log-ratios) and ``ratio_mean`` (token-weighted mean of ``s_i``).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if logprobs.dim() != 2 or logprobs.shape != response_mask.shape:
+        raise ValueError(
+            f"expected (B, A) logprobs and response_mask, got {tuple(logprobs.shape)} and "
+            f"{tuple(response_mask.shape)}"
+        )
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logprobs)
+
+    keep = response_mask.bool()
+    token_log_ratio = torch.where(keep, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    lengths = keep.sum(dim=-1).clamp_min(1).to(logprobs.dtype)
+    seq_log_ratio = (token_log_ratio.sum(dim=-1) / lengths).detach()
+    seq_log_ratio = seq_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    # value s_i on every token, gradient s_i * d logprobs[i, t]
+    ratio = torch.exp(seq_log_ratio.unsqueeze(-1) + (logprobs - logprobs.detach()))
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    loss_per_token = torch.maximum(unclipped, clipped)
+
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        dual_active = (advantages < 0) & (loss_per_token > cap)
+        loss_per_token = torch.where(advantages < 0, torch.minimum(loss_per_token, cap),
+                                     loss_per_token)
+    else:
+        dual_active = torch.zeros_like(keep)
+
+    loss = aggregate(loss_per_token, response_mask, aggregation, num_tokens, num_seqs, norm_len)
+    with torch.no_grad():
+        tok = token_log_ratio.detach().clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        metrics = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), response_mask),
+            "dual_clip_frac": masked_mean(dual_active.float(), response_mask),
+            "approx_kl": masked_mean(torch.expm1(tok) - tok, response_mask),
             "ratio_mean": masked_mean(ratio.detach(), response_mask),
         }
     return loss, metrics
@@ -407,6 +562,7 @@ def value_loss(
     aggregation: Aggregation = "token_mean",
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
+    norm_len: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(Optionally clipped) squared-error value loss for the PPO critic.
 
@@ -428,7 +584,7 @@ def value_loss(
         err_clipped = (v_clipped - returns) ** 2
         per_token = 0.5 * torch.maximum(err, err_clipped)
         clip_active = err_clipped > err
-    loss = aggregate(per_token, response_mask, aggregation, num_tokens, num_seqs)
+    loss = aggregate(per_token, response_mask, aggregation, num_tokens, num_seqs, norm_len)
     with torch.no_grad():
         metrics = {
             "value_clip_frac": masked_mean(clip_active.float(), response_mask),
@@ -445,6 +601,7 @@ def kl_penalty_loss(
     aggregation: Aggregation = "token_mean",
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
+    norm_len: float | None = None,
 ) -> torch.Tensor:
     """0-d KL penalty loss term (GRPO-style "KL in the loss"), unscaled.
 
@@ -464,4 +621,4 @@ def kl_penalty_loss(
         raise ValueError(f"KL loss estimator {estimator!r}: k1 has zero expected gradient as a "
                          f"loss; choose one of {LOSS_KL_ESTIMATORS}")
     kl = kl_estimate(logprobs, ref_logprobs, estimator)
-    return aggregate(kl, response_mask, aggregation, num_tokens, num_seqs)
+    return aggregate(kl, response_mask, aggregation, num_tokens, num_seqs, norm_len)

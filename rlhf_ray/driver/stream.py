@@ -1,14 +1,34 @@
 """EpisodeStream: keeps rollout workers busy and scores episodes as they finish.
 
-The driver hands it prompts in chunks (:meth:`submit`). Each chunk goes to the least
-loaded rollout worker; when a worker finishes a chunk, its episodes go at once to a
-RewardServer and a ReferenceServer (round-robin over replicas) while other chunks are
-still generating. :meth:`collect` returns scored episodes, whole prompt groups only.
+The driver hands it each training step's prompts (:meth:`EpisodeStream.submit`), possibly
+several steps ahead. They are split into chunks tagged with their step; each chunk goes to
+the least loaded rollout worker, and when a worker finishes a chunk its episodes go at once
+to a RewardServer and a ReferenceServer (round-robin over replicas) while other chunks are
+still generating.
 
-Every episode carries the policy version of the weights that generated it (stamped by the
-rollout worker). Ray runs an actor's calls in submission order, so a chunk submitted
-before a weight sync is generated with the old weights and one submitted after with the
-new ones: the driver controls staleness by when it submits.
+:meth:`EpisodeStream.collect` returns exactly one step's episodes: every prompt group of that
+step and nothing of another step, sorted by ``(prompt_index, sample_index)``. Chunks finish in
+any order; a finished chunk of a later step is kept until that step is collected. The chunks
+of a step may be uneven (the last one smaller), so any ``prompts_per_step`` works.
+
+Staleness. Every episode carries the policy version of the weights that generated it
+(stamped by the rollout worker). Ray runs an actor's calls in submission order, so a chunk
+submitted before a weight sync is generated with the old weights and one submitted after
+with the new ones: the driver bounds staleness by when it submits. Should a step's episodes
+still be older than ``collect(..., min_version=v)`` allows, they are not dropped: their
+prompt groups are *re-queued*, i.e. generated again (at the front of the queue, so after the
+weight syncs already sent: with the current weights) and scored again, and the step waits for
+them. A prompt group is regenerated as a whole, its n samples from one generate call, so a
+group baseline (GRPO / RLOO) always compares samples of one policy version; no group mixes
+old and new samples, and no prompt, long or short, is lost to the bound. A group that comes
+back stale again after ``max_requeues`` regenerations means the rollout workers' weights are
+older than ``min_version`` (the driver did not sync): that is an error, not a loop.
+
+Accounting. :class:`EpisodeLedger` counts episodes generated, scored, collected (handed to
+the driver), trained (reported by the driver), dropped for staleness (regenerated), and
+prompts submitted, re-queued and collected; :attr:`EpisodeStream.ledger` fills in what is
+still pending from the stream's queues, and :meth:`EpisodeLedger.check` verifies that
+everything reconciles (nothing lost, nothing pending at the end of a run).
 """
 
 from __future__ import annotations
@@ -16,7 +36,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import ray
 
@@ -27,38 +47,130 @@ from rlhf_ray.workers.group import WorkerGroup
 
 @dataclass
 class PromptChunk:
-    """Prompts sent together to one rollout worker."""
+    """Prompts of one step sent together to one rollout worker."""
 
+    step: int
+    slots: list[int]  # each prompt's position in its step's prompt list
     ids: list[list[int]]
     indices: list[int]  # global prompt indices, kept in the episodes for grouping
     answers: list
+    attempt: int = 0  # regenerations of these prompt groups so far (staleness)
     episodes: list[Episode] = field(default_factory=list)
     pending: int = 0  # scoring calls still outstanding (reward, reference)
+    generated_at: float = 0.0  # when its generation finished (score latency)
+
+
+@dataclass
+class EpisodeLedger:
+    """Where every prompt and episode of a run went.
+
+    Counters (only grow): prompts submitted / re-queued (regenerated for staleness) /
+    collected; episodes generated, scored, collected, trained, dropped_stale. Gauges (what is
+    still in the stream, set by :attr:`EpisodeStream.ledger`): prompts_pending (queued,
+    generating, scoring or scored and waiting for their step), scoring (episodes whose
+    scores are outstanding), waiting (episodes scored, not yet collected).
+    """
+
+    samples_per_prompt: int = 1
+    prompts_submitted: int = 0
+    prompts_requeued: int = 0
+    prompts_collected: int = 0
+    generated: int = 0
+    scored: int = 0
+    collected: int = 0
+    trained: int = 0
+    filtered: int = 0  # collected, then left out of training by the driver (dynamic sampling)
+    dropped_stale: int = 0
+    prompts_pending: int = 0
+    scoring: int = 0
+    waiting: int = 0
+
+    def record_trained(self, n: int) -> None:
+        """The driver trained on ``n`` collected episodes."""
+        self.trained += n
+
+    def record_filtered(self, n: int) -> None:
+        """The driver left ``n`` collected episodes out of training on purpose (dynamic
+        sampling's groups whose samples all scored the same)."""
+        self.filtered += n
+
+    def problems(self, final: bool = False) -> list[str]:
+        """The reconciliation rules that fail (empty: all good)."""
+        n = self.samples_per_prompt
+        rules = [
+            (self.prompts_submitted == self.prompts_collected + self.prompts_pending,
+             f"prompts submitted {self.prompts_submitted} != collected {self.prompts_collected} "
+             f"+ pending {self.prompts_pending}"),
+            (self.generated == self.scored + self.scoring,
+             f"episodes generated {self.generated} != scored {self.scored} + scoring {self.scoring}"),
+            (self.scored == self.collected + self.dropped_stale + self.waiting,
+             f"episodes scored {self.scored} != collected {self.collected} + dropped_stale "
+             f"{self.dropped_stale} + waiting {self.waiting}"),
+            (self.dropped_stale == self.prompts_requeued * n,
+             f"dropped_stale {self.dropped_stale} != prompts requeued {self.prompts_requeued} x {n}"),
+            (self.collected == self.prompts_collected * n,
+             f"episodes collected {self.collected} != prompts collected {self.prompts_collected} x {n}"),
+            (self.trained + self.filtered <= self.collected,
+             f"episodes trained {self.trained} + filtered {self.filtered} > collected {self.collected}"),
+        ]
+        if final:
+            rules += [
+                (self.prompts_pending == 0 and self.scoring == 0 and self.waiting == 0,
+                 f"still pending at the end: {self.prompts_pending} prompts, {self.scoring} "
+                 f"episodes scoring, {self.waiting} scored episodes never collected"),
+                (self.trained + self.filtered == self.collected,
+                 f"episodes trained {self.trained} + filtered {self.filtered} != collected "
+                 f"{self.collected}"),
+            ]
+        return [message for ok, message in rules if not ok]
+
+    def check(self, final: bool = False) -> None:
+        """Raise RuntimeError if the counts do not reconcile; ``final``: also nothing may be
+        pending and every collected episode must have been trained on."""
+        problems = self.problems(final)
+        if problems:
+            raise RuntimeError("episode ledger does not reconcile: " + "; ".join(problems))
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"rollout/ledger_{f.name}": float(getattr(self, f.name))
+                for f in fields(self) if f.name != "samples_per_prompt"}
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class EpisodeStream:
     def __init__(self, rollouts: WorkerGroup, reward: WorkerGroup, reference: WorkerGroup | None,
-                 sampling: SamplingConfig, max_inflight_per_worker: int = 2):
+                 sampling: SamplingConfig, max_inflight_per_worker: int = 2, max_requeues: int = 2):
         self.rollouts, self.reward, self.reference = rollouts, reward, reference
         self.sampling = sampling
         self.max_inflight = max_inflight_per_worker
+        self.max_requeues = max_requeues
         self.queue: deque[PromptChunk] = deque()
-        self.inflight: dict = {}  # ObjectRef -> (kind, chunk, rank)
+        self.inflight: dict = {}  # ObjectRef -> (kind, chunk, rank), oldest first
         self.load = [0] * len(rollouts)
-        self.done: deque[PromptChunk] = deque()
+        self.done: dict[int, list[PromptChunk]] = {}  # step -> its scored chunks
+        self.expected: dict[int, int] = {}  # step -> prompts submitted for it, until collected
         self._replica = itertools.count()
-        self.stats = {"chunks": 0, "scored_while_generating": 0}
-        self._generated_at: dict[int, float] = {}  # id(chunk) -> when its generation finished
+        self.stats = {"chunks": 0, "scored_while_generating": 0, "requeued_chunks": 0}
+        self._ledger = EpisodeLedger(samples_per_prompt=sampling.n)
         self._score_latency: list[float] = []
 
     # ------------------------------------------------------------------ input
 
-    def submit(self, prompts: list, chunk_size: int) -> None:
-        """Queue ``prompts`` (objects with ``prompt_ids``, ``answer`` and a global ``index``)."""
+    def submit(self, prompts: list, chunk_size: int, step: int) -> None:
+        """Queue the prompts of training step ``step`` (objects with ``prompt_ids``,
+        ``answer`` and a global ``index``) in chunks of at most ``chunk_size``."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: expected at least 1, got {chunk_size}")
+        first = self.expected.get(step, 0)
         for start in range(0, len(prompts), chunk_size):
             part = prompts[start: start + chunk_size]
-            self.queue.append(PromptChunk([p.prompt_ids for p in part], [p.index for p in part],
+            self.queue.append(PromptChunk(step, list(range(first + start, first + start + len(part))),
+                                          [p.prompt_ids for p in part], [p.index for p in part],
                                           [p.answer for p in part]))
+        self.expected[step] = first + len(prompts)
+        self._ledger.prompts_submitted += len(prompts)
         self._dispatch()
 
     def grow(self) -> None:
@@ -68,13 +180,15 @@ class EpisodeStream:
 
     def shrink(self, n: int) -> None:
         """The last ``n`` (idle) workers were removed."""
+        if n <= 0:
+            return
         if any(self.load[-n:]):
             raise RuntimeError("cannot drop rollout workers that still have chunks in flight")
         del self.load[-n:]
 
     def _dispatch(self) -> None:
-        while self.queue:
-            rank = min(range(len(self.rollouts)), key=lambda r: self.load[r])
+        while self.queue and self.load:
+            rank = min(range(len(self.load)), key=lambda r: self.load[r])
             if self.load[rank] >= self.max_inflight:
                 return
             chunk = self.queue.popleft()
@@ -85,69 +199,166 @@ class EpisodeStream:
 
     # ------------------------------------------------------------------ progress
 
-    def _step(self, timeout_s: float) -> None:
-        """Wait for one in-flight call and move its chunk along."""
+    def _role(self, kind: str) -> WorkerGroup:
+        return {"generate": self.rollouts, "score": self.reward, "logprobs": self.reference}[kind]
+
+    def _wait(self, timeout_s: float) -> None:
+        """Wait for in-flight calls and move every finished one's chunk along.
+
+        If nothing finishes within ``timeout_s``, the oldest call is gathered through its
+        group (waiting up to the group's ``timeout_s`` more), which raises WorkerError naming
+        the stuck worker (its role, rank and node); should that call finish meanwhile, it is
+        handled like any other. A failed or timed-out call stays in flight: the stream is
+        left consistent."""
         refs = list(self.inflight)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)
         if not ready:
             kind, _, rank = self.inflight[refs[0]]
-            group = {"generate": self.rollouts, "score": self.reward, "logprobs": self.reference}[kind]
-            group.get([refs[0]], [rank], kind)  # raises WorkerError naming the stuck worker
-        ref = ready[0]
-        kind, chunk, rank = self.inflight.pop(ref)
+            self._role(kind).get([refs[0]], [rank], kind)  # raises WorkerError if still stuck
+            ready, rest = [refs[0]], refs[1:]
+        if rest:  # everything else that is done by now, in submission order
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            done = set(ready) | set(more)
+            ready = [r for r in refs if r in done]
+        for ref in ready:
+            self._handle(ref)
+
+    def _handle(self, ref) -> None:
+        kind, chunk, rank = self.inflight[ref]
+        result = self._role(kind).get([ref], [rank], kind)[0]  # raises WorkerError on failure
+        del self.inflight[ref]
         if kind == "generate":
             self.load[rank] -= 1
-            chunk.episodes = self.rollouts.get([ref], [rank], "generate")[0]
-            self._generated_at[id(chunk)] = time.perf_counter()
+            if len(result) != len(chunk.slots) * self.sampling.n:
+                raise RuntimeError(f"rollout worker rank {rank} returned {len(result)} episodes for "
+                                   f"{len(chunk.slots)} prompts x n={self.sampling.n}")
+            chunk.episodes = result
+            chunk.generated_at = time.perf_counter()
+            self._ledger.generated += len(result)
             self._score(chunk)
             if any(k == "generate" for k, _, _ in self.inflight.values()):
                 self.stats["scored_while_generating"] += 1
             self._dispatch()
         elif kind == "score":
-            for e, s in zip(chunk.episodes, self.reward.get([ref], [rank], "score")[0]):
+            for e, s in zip(chunk.episodes, result):
                 e.score = s
             self._finish(chunk)
         else:
-            for e, lp in zip(chunk.episodes, self.reference.get([ref], [rank], "logprobs")[0]):
+            for e, lp in zip(chunk.episodes, result):
                 e.ref_logprobs = lp
             self._finish(chunk)
 
     def _score(self, chunk: PromptChunk) -> None:
         turn = next(self._replica)
         r = turn % len(self.reward)
+        chunk.pending = 1 if self.reference is None else 2
         self.inflight[self.reward.submit(r, "score", chunk.episodes)] = ("score", chunk, r)
-        chunk.pending = 1
         if self.reference is not None:
             k = turn % len(self.reference)
             self.inflight[self.reference.submit(k, "logprobs", chunk.episodes,
                                                 self.sampling.temperature)] = ("logprobs", chunk, k)
-            chunk.pending = 2
 
     def _finish(self, chunk: PromptChunk) -> None:
         chunk.pending -= 1
         if chunk.pending == 0:
-            self._score_latency.append(time.perf_counter() - self._generated_at.pop(id(chunk)))
-            self.done.append(chunk)
+            self._score_latency.append(time.perf_counter() - chunk.generated_at)
+            self.done.setdefault(chunk.step, []).append(chunk)
             self.stats["chunks"] += 1
+            self._ledger.scored += len(chunk.episodes)
+
+    # ------------------------------------------------------------------ staleness
+
+    def _requeue_stale(self, step: int, min_version: int) -> None:
+        """Regenerate, whole, the prompt groups of ``step``'s scored chunks that hold an
+        episode older than ``min_version``; the chunks' fresh groups stay."""
+        kept = []
+        for chunk in self.done.get(step, []):
+            stale = [i for i in range(len(chunk.slots))
+                     if any(e.policy_version < min_version for e in self._prompt_group(chunk, i))]
+            if not stale:
+                kept.append(chunk)
+                continue
+            if chunk.attempt >= self.max_requeues:
+                versions = sorted({e.policy_version for i in stale for e in self._prompt_group(chunk, i)})
+                raise RuntimeError(
+                    f"step {step}: prompts {[chunk.indices[i] for i in stale]} were regenerated "
+                    f"{chunk.attempt} times and still come from policy versions {versions} < "
+                    f"min_version {min_version}: the rollout workers' weights are older than the "
+                    "staleness bound allows (sync the weights before collecting)")
+            fresh = [i for i in range(len(chunk.slots)) if i not in stale]
+            if fresh:
+                kept.append(self._subchunk(chunk, fresh, chunk.attempt,
+                                           [e for i in fresh for e in self._prompt_group(chunk, i)]))
+            self._ledger.dropped_stale += sum(len(self._prompt_group(chunk, i)) for i in stale)
+            self._ledger.prompts_requeued += len(stale)
+            self.stats["requeued_chunks"] += 1
+            # to the front of the queue: generated after the weight syncs already sent, and
+            # before later steps' chunks (the driver is waiting for it)
+            self.queue.appendleft(self._subchunk(chunk, stale, chunk.attempt + 1, []))
+        if step in self.done:
+            self.done[step] = kept
+        self._dispatch()
+
+    @staticmethod
+    def _subchunk(chunk: PromptChunk, positions: list[int], attempt: int,
+                  episodes: list[Episode]) -> PromptChunk:
+        return PromptChunk(chunk.step, [chunk.slots[i] for i in positions],
+                           [chunk.ids[i] for i in positions], [chunk.indices[i] for i in positions],
+                           [chunk.answers[i] for i in positions], attempt, episodes)
+
+    @staticmethod
+    def _prompt_group(chunk: PromptChunk, i: int) -> list[Episode]:
+        """The episodes of the chunk's i-th prompt (a rollout worker returns each prompt's n
+        samples contiguously, in prompt order)."""
+        n = len(chunk.episodes) // len(chunk.slots)
+        return chunk.episodes[i * n: (i + 1) * n]
 
     # ------------------------------------------------------------------ output
 
-    def collect(self, num_prompts: int, timeout_s: float) -> list[Episode]:
-        """Block until ``num_prompts`` prompts' groups are scored; return their episodes,
-        oldest chunks first (whole chunks, so possibly a few more prompts)."""
-        episodes: list[Episode] = []
-        prompts = 0
-        while prompts < num_prompts:
-            if self.done:
-                chunk = self.done.popleft()
-                episodes += chunk.episodes
-                prompts += len(chunk.ids)
-            elif self.inflight:
-                self._step(timeout_s)
-            else:
-                raise RuntimeError(f"episode stream is empty: {prompts} of {num_prompts} prompts "
-                                   "collected and nothing queued")
+    def _ready_prompts(self, step: int) -> int:
+        return sum(len(c.slots) for c in self.done.get(step, []))
+
+    def collect(self, step: int, timeout_s: float, min_version: int | None = None) -> list[Episode]:
+        """Block until every prompt group of ``step`` is scored; return their episodes sorted
+        by ``(prompt_index, sample_index)``. With ``min_version``, groups generated by older
+        weights are regenerated first (see the module docstring), so every returned episode
+        has ``policy_version >= min_version``. Finished chunks of other steps stay for later."""
+        if step not in self.expected:
+            raise RuntimeError(f"episode stream: step {step} was never submitted (or already collected)")
+        expected = self.expected[step]
+        while True:
+            if min_version is not None:
+                self._requeue_stale(step, min_version)
+            if self._ready_prompts(step) == expected:
+                break
+            self._dispatch()
+            if not self.inflight:
+                raise RuntimeError(f"episode stream is empty: {self._ready_prompts(step)} of {expected} "
+                                   f"prompts of step {step} collected and nothing queued")
+            self._wait(timeout_s)
+        chunks = self.done.pop(step)
+        del self.expected[step]
+        groups = sorted(((idx, slot, self._prompt_group(c, i))
+                         for c in chunks for i, (slot, idx) in enumerate(zip(c.slots, c.indices))),
+                        key=lambda g: (g[0], g[1]))
+        episodes = [e for _, _, group in groups for e in sorted(group, key=lambda e: e.sample_index)]
+        self._ledger.prompts_collected += expected
+        self._ledger.collected += len(episodes)
         return episodes
+
+    # ------------------------------------------------------------------ accounting
+
+    @property
+    def ledger(self) -> EpisodeLedger:
+        """The run's episode ledger, its gauges filled in from the stream's current state."""
+        scoring = {id(c): c for kind, c, _ in self.inflight.values() if kind != "generate"}
+        generating = [c for kind, c, _ in self.inflight.values() if kind == "generate"]
+        waiting = [c for chunks in self.done.values() for c in chunks]
+        self._ledger.scoring = sum(len(c.episodes) for c in scoring.values())
+        self._ledger.waiting = sum(len(c.episodes) for c in waiting)
+        self._ledger.prompts_pending = sum(len(c.slots) for c in
+                                           [*self.queue, *generating, *scoring.values(), *waiting])
+        return self._ledger
 
     def pop_score_latency(self) -> float:
         """Mean seconds from a chunk's generation end to its scores, since the last call."""

@@ -34,6 +34,7 @@ from rlhf_ray.config import (
 from rlhf_ray.data import load_rows, load_tokenizer, tokenize_prompts
 from rlhf_ray.driver.roles import Roles
 from rlhf_ray.experience import critic_free_advantages, episodes_to_batch
+from rlhf_ray.loss_terms import PPOLossSettings
 from rlhf_ray.runtime import worker_env
 from rlhf_ray.workers.weight_sync import WeightSync
 
@@ -114,7 +115,7 @@ def _round_trip(timed: Callable, workers: tuple, prompts: list, pad_id: int) -> 
     # 4. one GRPO step
     batch = episodes_to_batch(episodes, pad_id)
     batch.advantages, _ = critic_free_advantages(batch, torch.tensor(scores), "grpo", SAMPLING.n)
-    train = timed("train", lambda: learner.call("ppo_step", batch, 0.2, None, None, 0.01)[0])
+    train = timed("train", lambda: learner.call("ppo_step", batch, PPOLossSettings(kl_coef=0.01))[0])
     # 5. weights -> rollout worker as version 1
     sync = timed("sync", lambda: WeightSync(learner, rollout).sync(version=1))
     # 6. rollout vs learner log-probs on fresh episodes

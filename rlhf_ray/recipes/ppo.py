@@ -8,7 +8,8 @@
 3. For each step (policy version v):
    a. collect the step's episodes; each chunk was scored by the reward and reference servers
       as soon as it finished generating;
-   b. never train on an episode older than v - max_staleness (such episodes are dropped);
+   b. never train on an episode older than v - max_staleness (the stream regenerates such
+      prompt groups with the current weights: no prompt is dropped);
    c. advantages: KL-shaped rewards + GAE, or group baselines (GRPO / RLOO), or REINFORCE++;
    d. ``ppo_epochs`` passes of ``mini_batches`` clipped policy-gradient steps (only value steps
       during the first ``value_warmup_steps``, gae); meanwhile the
@@ -24,6 +25,7 @@ KL coefficient and the per-step history) travels in the checkpoint's ``extra``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -31,7 +33,15 @@ import ray
 import torch
 
 from rlhf_ray import checkpoint
-from rlhf_ray.advantages import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf_ray.advantages import (
+    AdaptiveKLController,
+    FixedKLController,
+    kept_group_rows,
+    kl_estimate,
+    overlong_keep_mask,
+    overlong_penalty,
+    zero_variance_groups,
+)
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.config import KLConfig, OptimConfig, PPOConfig
 from rlhf_ray.data import load_tokenizer
@@ -49,6 +59,7 @@ from rlhf_ray.experience import (
     rollout_correction,
 )
 from rlhf_ray.files import write_jsonl_atomic
+from rlhf_ray.loss_terms import PPOLossSettings
 from rlhf_ray.workers.group import WorkerGroup
 from rlhf_ray.workers.weight_sync import WeightSync
 
@@ -71,14 +82,14 @@ def run(cfg: PPOConfig) -> dict:
     policy_path = resolve_model(cfg.model.path, role="policy")
     tokenizer = load_tokenizer(policy_path)
     train_prompts, eval_prompts = _prompts(cfg, tokenizer)
-    kl_ctl = _kl_controller(cfg.kl)
+    kl = KLPenalty(cfg.kl)
     data_id = batches.fingerprint([p.prompt_ids for p in train_prompts])
 
     with Run(cfg, "ppo", resumable=RESUMABLE, kv_cache_gib=cfg.rollout.kv_cache_gib,
              data_fingerprint=data_id) as run:
         # 1. the roles; resume=auto restores the learners, the KL coefficient and the history
         workers = _start(run, cfg, policy_path)
-        version, history = _resume(run, workers, kl_ctl)
+        version, history = _resume(run, workers, kl)
 
         def evaluate() -> dict[str, float]:
             with run.phase("eval"):
@@ -91,18 +102,24 @@ def run(cfg: PPOConfig) -> dict:
         control = scaling.open_control(run.run_dir.name, cfg.rollout.num_workers)
         run.roles.on_shutdown(lambda: ray.kill(control))
         for ahead in range(version, min(cfg.steps, version + cfg.max_staleness + 1)):
-            stream.submit(prompts_for_step(train_prompts, ahead, cfg.prompts_per_step), cfg.chunk_size)
+            stream.submit(prompts_for_step(train_prompts, ahead, cfg.prompts_per_step), cfg.chunk_size,
+                          step=ahead)
 
         # 3. one policy version per step
         for step in run.steps(version, cfg.steps):
-            metrics, trained = _step(cfg, step, version, stream, workers, kl_ctl, tokenizer.pad_token_id)
+            metrics, trained = _step(cfg, step, version, stream, workers, kl, tokenizer.pad_token_id,
+                                     train_prompts)
             version += 1
             # f. queue step + k + 1: it is generated with version >= v + 1 and trained at
             #    v + k + 1, so its staleness is at most k
             if step + cfg.max_staleness + 1 < cfg.steps:
                 stream.submit(prompts_for_step(train_prompts, step + cfg.max_staleness + 1,
-                                               cfg.prompts_per_step), cfg.chunk_size)
+                                               cfg.prompts_per_step), cfg.chunk_size,
+                              step=step + cfg.max_staleness + 1)
             metrics.update(scaling.apply(control, workers.rollouts, stream, workers.sync, version))
+            # the episode ledger: every prompt and episode accounted for (rollout/ledger_*)
+            stream.ledger.check()
+            metrics.update(stream.ledger.as_metrics())
             # g. log, evaluate, checkpoint
             if cfg.eval_every and version % cfg.eval_every == 0 and version < cfg.steps:
                 metrics.update(evaluate())
@@ -110,15 +127,17 @@ def run(cfg: PPOConfig) -> dict:
             history.append({"step": version, **metrics, **trained})
             run.show(metrics, "reward/mean", "kl/mean")
             if run.checkpoint_due(version, cfg.steps):
-                run.save_checkpoint(workers.learners, version, {"kl_coef": kl_ctl.value, "history": history})
+                run.save_checkpoint(workers.learners, version, {"kl_coef": kl.coef, "history": history})
         run.log(evaluate(), version)
+        # every submitted prompt was collected and trained on; nothing left in the stream
+        stream.ledger.check(final=True)
 
         # 4. outputs
         model_dir = workers.learners.call("export_hf", str(run.run_dir / "model"))[0]
         history_file = write_jsonl_atomic(run.run_dir / "history.jsonl", history)
         return run.finish({"model": model_dir, "history": str(history_file)},
                           {"advantage": cfg.advantage, "max_staleness": cfg.max_staleness,
-                           "final_version": version},
+                           "final_version": version, "episode_ledger": stream.ledger.as_dict()},
                           plot=(["reward/mean", "kl/mean", "eval/score", "eval/score_sampled"],
                                 f"PPO ({cfg.advantage})"))
 
@@ -132,10 +151,40 @@ def _prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list]:
     return train, heldout
 
 
-def _kl_controller(kl: KLConfig):
-    if kl.adaptive:
-        return AdaptiveKLController(kl.coef, kl.target, kl.horizon)
-    return FixedKLController(kl.coef)
+class KLPenalty:
+    """The KL to the reference, in one place: where it enters the update (shaped into the
+    rewards with ``kl.reward_estimator``, or added to the loss with ``kl.loss_estimator``)
+    and its coefficient, fixed or adapted toward ``kl.target``. ``kl/mean`` is always the
+    reward estimator's per-episode KL."""
+
+    def __init__(self, kl: KLConfig):
+        self.cfg = kl
+        self.controller = AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive \
+            else FixedKLController(kl.coef)
+
+    @property
+    def coef(self) -> float:
+        return self.controller.value
+
+    @coef.setter
+    def coef(self, value: float) -> None:
+        self.controller.value = value
+
+    @property
+    def in_reward(self) -> float:
+        return self.coef if self.cfg.mode == "reward" else 0.0
+
+    @property
+    def in_loss(self) -> float:
+        return self.coef if self.cfg.mode == "loss" else 0.0
+
+    def per_token(self, batch) -> torch.Tensor:
+        """(B, T-1) reward-estimator KL of the sampled tokens, 0 outside the responses."""
+        return kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.cfg.reward_estimator) * \
+            batch.response_mask
+
+    def update(self, kl_mean: float, episodes: int) -> None:
+        self.controller.update(kl_mean, episodes)
 
 
 def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
@@ -153,80 +202,134 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
     return Workers(rollouts, reward, reference, learners, WeightSync(learners, rollouts))
 
 
-def _resume(run: Run, workers: Workers, kl_ctl) -> tuple[int, list[dict]]:
+def _resume(run: Run, workers: Workers, kl: KLPenalty) -> tuple[int, list[dict]]:
     """``resume=auto``: the restored policy version (its weights pushed to the rollout
     workers), KL coefficient and per-step history; ``(0, [])`` for a fresh run."""
     version = run.restore(workers.learners)
     if not run.resuming:
         return 0, []
     extra = run.resume_state.extra
-    kl_ctl.value = float(extra["kl_coef"])
+    kl.coef = float(extra["kl_coef"])
     workers.sync.sync(version)
     print(f"ppo: resumed from {run.resume_from.name} (policy version {version})")
     return version, list(extra["history"])
 
 
 def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, workers: Workers,
-          kl_ctl, pad_id: int) -> tuple[dict, dict]:
+          kl: KLPenalty, pad_id: int, train_prompts: list) -> tuple[dict, dict]:
     """Steps a-e of one policy version; returns its metrics and which versions it trained on."""
     t_step = time.perf_counter()
-    # a. this step's scored episodes
-    episodes = stream.collect(cfg.prompts_per_step, cfg.ray.call_timeout_s)
+    # a. this step's scored episodes, all of its prompts; b. the staleness bound: the stream
+    #    regenerates (whole) the prompt groups older than v - max_staleness, nothing is dropped
+    dropped_before = stream.ledger.dropped_stale
+    episodes = stream.collect(step, cfg.ray.call_timeout_s, min_version=version - cfg.max_staleness)
+    episodes, sampling_metrics = _dynamic_sampling(cfg, step, version, episodes, stream, train_prompts)
     gen_s = time.perf_counter() - t_step
-    # b. the staleness bound
-    fresh = [e for e in episodes if e.policy_version >= version - cfg.max_staleness]
-    if not fresh:
-        raise RuntimeError(f"step {step}: every episode is staler than max_staleness={cfg.max_staleness}")
-    check_groups(fresh, cfg.sampling.n)
+    check_groups(episodes, cfg.sampling.n)
     # c. advantages
-    batch, adv_metrics = _experience(cfg, fresh, pad_id, workers.learners, kl_ctl)
+    batch, adv_metrics = _experience(cfg, episodes, pad_id, workers.learners, kl)
     # d. policy (and value) updates
     t_train = time.perf_counter()
-    kl_coef_in_loss = kl_ctl.value if cfg.kl.mode == "loss" else 0.0
-    train_metrics = _train(cfg, batch, workers.learners, kl_coef_in_loss,
+    train_metrics = _train(cfg, batch, workers.learners, kl.in_loss,
                            train_policy=step >= cfg.value_warmup_steps)
     train_s = time.perf_counter() - t_train
+    stream.ledger.record_trained(len(episodes))
     # e. new weights to the rollout workers
     sync_metrics = workers.sync.sync(version + 1)
-    kl_ctl.update(adv_metrics.get("kl/mean", 0.0), len(fresh))
+    kl.update(adv_metrics.get("kl/mean", 0.0), len(episodes))
     step_s = time.perf_counter() - t_step
     tokens = sum(len(e.response_ids) for e in episodes)
-    metrics = {**rollout_metrics(fresh, version), **adv_metrics, **train_metrics, **sync_metrics,
-               "rollout/dropped_stale": float(len(episodes) - len(fresh)), "kl/coef": kl_ctl.value,
+    metrics = {**rollout_metrics(episodes, version), **sampling_metrics, **adv_metrics, **train_metrics,
+               **sync_metrics, "kl/coef": kl.coef,
+               "rollout/dropped_stale": float(stream.ledger.dropped_stale - dropped_before),
                "perf/gen_s": gen_s, "perf/score_s": stream.pop_score_latency(),
                "perf/train_s": train_s, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
     trained = {"trained_at_version": version,
-               "versions_trained": sorted({e.policy_version for e in fresh})}
+               "versions_trained": sorted({e.policy_version for e in episodes})}
     return metrics, trained
 
 
-def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl_ctl):
+def _dynamic_sampling(cfg: PPOConfig, step: int, version: int, episodes: list, stream: EpisodeStream,
+                      train_prompts: list) -> tuple[list, dict[str, float]]:
+    """DAPO's dynamic sampling. ``rollout/zero_variance_frac`` is the share of prompt groups
+    whose samples all scored the same (no group signal). With ``dynamic_sampling`` those
+    groups are left out (counted as filtered in the ledger) and refilled with fresh prompts,
+    generated with the current weights, for at most ``dynamic_sampling_rounds`` extra rounds;
+    the step trains on at most ``prompts_per_step`` groups."""
+    n = cfg.sampling.n
+    zero = zero_variance_groups(torch.tensor([e.score for e in episodes]), n)
+    metrics = {"rollout/zero_variance_frac": float(zero.float().mean())}
+    if not cfg.dynamic_sampling:
+        return episodes, metrics
+    kept = [episodes[i] for i in kept_group_rows(~zero, n).tolist()]
+    filtered = len(episodes) - len(kept)
+    rounds = 0
+    while len(kept) < cfg.prompts_per_step * n and rounds < cfg.dynamic_sampling_rounds:
+        tag = ("refill", step, rounds)
+        missing = cfg.prompts_per_step - len(kept) // n
+        stream.submit(_refill_prompts(cfg, train_prompts, step, rounds, missing), cfg.chunk_size, step=tag)
+        extra = stream.collect(tag, cfg.ray.call_timeout_s, min_version=version - cfg.max_staleness)
+        zero = zero_variance_groups(torch.tensor([e.score for e in extra]), n)
+        good = [extra[i] for i in kept_group_rows(~zero, n).tolist()][: missing * n]
+        filtered += len(extra) - len(good)
+        kept += good
+        rounds += 1
+    stream.ledger.record_filtered(filtered)
+    metrics.update({"rollout/filtered_groups": float(filtered // n), "rollout/refill_rounds": float(rounds),
+                    "rollout/trained_groups": float(len(kept) // n)})
+    if not kept:
+        raise RuntimeError(f"step {step}: every prompt group scored the same in every sample, also "
+                           f"after {rounds} refill rounds; nothing to learn from (dynamic_sampling)")
+    return kept, metrics
+
+
+def _refill_prompts(cfg: PPOConfig, train_prompts: list, step: int, round_: int, count: int) -> list:
+    """Prompts for a refill: a deterministic walk beyond the training schedule, each with a
+    group index of its own (so it never shares one with a prompt of the step)."""
+    offset = cfg.steps + step * cfg.dynamic_sampling_rounds + round_
+    picked = prompts_for_step(train_prompts, offset, cfg.prompts_per_step)[:count]
+    unique = len(train_prompts) * (1 + offset)
+    return [dataclasses.replace(p, index=unique + i) for i, p in enumerate(picked)]
+
+
+def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl: KLPenalty):
     """Episodes -> ExperienceBatch with advantages (and returns / old values for gae).
 
     pi_old, the policy PPO's ratio starts from, is recomputed by the learners now, in their
     precision: vLLM's sampling log-probs stay as ``rollout_logprobs``, and the gap between the
     two is corrected (``rollout_correction``) and logged. With ``max_staleness > 0`` pi_old is
     the learners' policy at train time, newer than the one that sampled (decoupled PPO: the
-    correction weights then also cover the staleness)."""
+    correction weights then also cover the staleness). Overlong responses are penalised in
+    the score (``soft_penalty``) or left out of the loss (``mask``)."""
     batch = episodes_to_batch(episodes, pad_id)
     scores = torch.tensor([e.score for e in episodes], dtype=torch.float32)
+    metrics: dict[str, float] = {}
+    if cfg.overlong == "soft_penalty":
+        penalty = overlong_penalty(torch.tensor([len(e.response_ids) for e in episodes]),
+                                   cfg.sampling.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        scores = scores + penalty
+        metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+    elif cfg.overlong == "mask":  # truncated responses take no part in the loss
+        keep = overlong_keep_mask([e.finish_reason for e in episodes]).to(batch.loss_mask.dtype)
+        batch.loss_mask = batch.loss_mask * keep[:, None]
+        metrics["rollout/overlong_masked_frac"] = float(1.0 - keep.mean())
     mask = batch.response_mask
     batch.old_logprobs = learner_calls.infer(learners, "forward_logprobs", batch,
                                              cfg.sampling.temperature) * mask
     weights, correction = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, mask,
                                              cfg.rollout_correction, cfg.rollout_correction_cap)
-    kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, cfg.kl.reward_estimator) * mask
-    metrics = {"kl/mean": float(kl.sum(-1).mean())}
-    kl_coef_in_reward = kl_ctl.value if cfg.kl.mode == "reward" else 0.0
+    kl_tokens = kl.per_token(batch)
+    metrics["kl/mean"] = float(kl_tokens.sum(-1).mean())
     if cfg.advantage == "gae":
         values = learners.call("forward_values", batch)[0]
-        batch.advantages, batch.returns, m = gae_advantages(batch, scores, values, kl_coef_in_reward,
+        batch.advantages, batch.returns, m = gae_advantages(batch, scores, values, kl.in_reward,
                                                            cfg.kl.reward_estimator, cfg.gamma, cfg.lam)
         batch.old_values = values
-        metrics.update({"value/mean_old": float((values * mask).sum() / mask.sum())})
+        metrics["value/mean_old"] = float((values * mask).sum() / mask.sum().clamp(min=1))
     else:  # the KL penalty is added after the group normalisation, never scaled by it
         batch.advantages, m = critic_free_advantages(batch, scores, cfg.advantage, cfg.sampling.n,
-                                                     kl_coef_in_reward, cfg.kl.reward_estimator, cfg.gamma)
+                                                     kl.in_reward, cfg.kl.reward_estimator, cfg.gamma,
+                                                     cfg.grpo.normalize_std)
     batch.advantages = batch.advantages * weights
     m.pop("kl/mean", None)
     m.pop("kl/coef", None)
@@ -236,6 +339,12 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl_ctl):
 def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, train_policy: bool = True) -> dict:
     """ppo_epochs x mini_batches optimizer steps; each mini-batch sharded over the learner
     ranks. ``train_policy=False``: value warm-up, only the value model steps."""
+    settings = PPOLossSettings(
+        clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
+        kl_coef=kl_coef_in_loss, kl_estimator=cfg.kl.loss_estimator, value_clip_eps=cfg.value_clip_eps,
+        temperature=cfg.sampling.temperature, aggregation=cfg.loss_aggregation,
+        norm_len=float(cfg.sampling.max_new_tokens), policy_loss=cfg.policy_loss,
+        entropy_coef=cfg.entropy_coef)
     size = -(-len(batch) // cfg.mini_batches)
     totals: dict[str, float] = {}
     optimizer_steps = 0
@@ -243,12 +352,11 @@ def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, train_policy
         order = torch.randperm(len(batch))
         for start in range(0, len(batch), size):
             mini = batch.select(order[start: start + size])
-            tokens = int(mini.response_mask.sum())
+            # the global normalisers: response tokens, and sequences that have any
+            tokens = max(int(mini.response_mask.sum()), 1)
+            sequences = max(int((mini.response_mask.sum(-1) > 0).sum()), 1)
             results = learners.call_each("ppo_step", [
-                (shard, cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, kl_coef_in_loss, cfg.kl.loss_estimator,
-                 cfg.value_clip_eps, "token_mean", tokens, len(mini), train_policy,
-                 cfg.sampling.temperature)
-                for shard in mini.shards(len(learners))])
+                (shard, settings, tokens, sequences, train_policy) for shard in mini.shards(len(learners))])
             for k, v in results[0].items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             optimizer_steps += 1

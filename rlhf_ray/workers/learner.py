@@ -162,17 +162,15 @@ class LearnerWorker(WeightSender, Worker):
         """One optimizer step of response-only cross entropy over this rank's shard."""
         return self._train(self._sft_plan(batch, num_tokens_global, aggregation, num_seqs_global))
 
-    def ppo_step(self, batch: ExperienceBatch, clip_eps: float = 0.2,
-                 clip_eps_high: float | None = None, dual_clip: float | None = None,
-                 kl_coef: float = 0.0, kl_estimator: str = "k3",
-                 value_clip_eps: float | None = None, aggregation: str = "token_mean",
+    def ppo_step(self, batch: ExperienceBatch,
+                 settings: loss_terms.PPOLossSettings = loss_terms.PPOLossSettings(),
                  num_tokens_global: int | None = None, num_seqs_global: int | None = None,
-                 train_policy: bool = True, temperature: float = 1.0) -> dict:
-        """One clipped-surrogate step (plus KL-in-loss with ``kl_coef``), and one value step
-        when the learner has a value model. ``old_logprobs=None`` means on-policy (ratio 1).
-        ``train_policy=False`` (critic warm-up) steps only the value model; the policy's
-        metrics are still reported. ``temperature``: the rollouts' sampling temperature; the
-        log-probs are those of ``softmax(logits / temperature)``."""
+                 train_policy: bool = True) -> dict:
+        """One policy step (clipped PPO or GSPO surrogate, plus the KL loss with
+        ``settings.kl_coef`` and the entropy bonus), and one value step when the learner has a
+        value model. ``old_logprobs=None`` means on-policy (ratio 1). ``train_policy=False``
+        (critic warm-up) steps only the value model; the policy's metrics are still reported.
+        ``settings``: see :class:`rlhf_ray.loss_terms.PPOLossSettings`."""
         self._need("causal_lm", "ppo_step")
         if not train_policy and self.value is None:
             raise ValueError("learner.ppo_step: train_policy=False needs a value model")
@@ -180,11 +178,8 @@ class LearnerWorker(WeightSender, Worker):
             raise ValueError("learner.ppo_step: the batch has no advantages")
         if self.value is not None and batch.returns is None:
             raise ValueError("learner.ppo_step: a value model needs batch.returns")
-        if kl_coef and batch.ref_logprobs is None:
+        if settings.kl_coef and batch.ref_logprobs is None:
             raise ValueError("learner.ppo_step: kl_coef > 0 needs batch.ref_logprobs")
-        settings = loss_terms.PPOLossSettings(
-            clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-            kl_estimator=kl_estimator, value_clip_eps=value_clip_eps, temperature=temperature)
         n_tok, n_seq, real_tok = self._counts(batch.response_mask.sum(), len(batch),
                                               num_tokens_global, num_seqs_global)
 
@@ -192,8 +187,7 @@ class LearnerWorker(WeightSender, Worker):
             values = self._values(self.value, mb) if self.value is not None else None
             with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
                 logits = self._forward(self.model, mb).logits
-            losses, stats = loss_terms.ppo_terms(logits, values, mb, settings, aggregation,
-                                                 n_tok, n_seq, real_tok)
+            losses, stats = loss_terms.ppo_terms(logits, values, mb, settings, n_tok, n_seq, real_tok)
             return (losses if train_policy else losses[1:]), stats
 
         engines = self._named_engines() if train_policy else [(self.value, "value")]

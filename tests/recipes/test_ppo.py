@@ -44,11 +44,20 @@ def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_pat
 
 
 def test_rloo_with_staleness_one_runs_ahead_but_within_bound(ray_local, tmp_path):
-    _, history = run_ppo(tmp_path, "advantage=rloo", "max_staleness=1", "steps=3", "kl.mode=loss",
-                         "kl.loss_estimator=k3")
+    summary, history = run_ppo(tmp_path, "advantage=rloo", "max_staleness=1", "steps=3", "kl.mode=loss",
+                               "kl.loss_estimator=k3")
     assert len(history) == 3
     for h in history:
         assert all(h["trained_at_version"] - v <= 1 for v in h["versions_trained"]), h
+        # every step trains on all of its prompts; the ledger counts them as they go
+        assert h["rollout/episodes"] == 4 * 2 and h["rollout/ledger_trained"] == h["step"] * 4 * 2
+    # the episode ledger reconciles: nothing lost, nothing left over
+    ledger = summary["episode_ledger"]
+    assert ledger["prompts_submitted"] == ledger["prompts_collected"] == 3 * 4
+    assert ledger["trained"] == ledger["collected"] == 3 * 4 * 2
+    assert ledger["generated"] == ledger["scored"] == ledger["collected"] + ledger["dropped_stale"]
+    assert ledger["dropped_stale"] == 2 * ledger["prompts_requeued"]
+    assert ledger["prompts_pending"] == ledger["scoring"] == ledger["waiting"] == 0
     # generation really ran ahead: some step trained on episodes one version old
     assert any(min(h["versions_trained"]) == h["trained_at_version"] - 1 for h in history)
 
@@ -171,3 +180,35 @@ def test_rollout_workers_scale_while_the_job_runs(ray_local, tmp_path):
                           "--run", "no-such-run", "--rollout", "2"], capture_output=True, text=True,
                          timeout=300, env=dict(os.environ))
     assert bad.returncode == 1 and "no running job named 'no-such-run'" in bad.stderr
+
+
+def test_dapo_and_dr_grpo_options_run_and_the_ledger_counts_filtered_groups(ray_local, tmp_path):
+    """Dynamic sampling (zero-variance groups left out, refilled), the overlong soft penalty,
+    Dr. GRPO (no group std, constant normaliser) and an entropy bonus, end to end."""
+    summary, history = run_ppo(tmp_path, "steps=2", "reward.function=reward_fns:response_length",
+                               "dynamic_sampling=true", "overlong=soft_penalty", "overlong_buffer=4",
+                               "grpo.normalize_std=false", "loss_aggregation=seq_mean_token_sum_norm",
+                               "entropy_coef=0.01", "sampling.max_new_tokens=8")
+    for h in history:
+        assert 0.0 <= h["rollout/zero_variance_frac"] <= 1.0
+        assert h["reward/overlong_penalty_mean"] <= 0.0
+        assert h["rollout/trained_groups"] * 2 == h["rollout/episodes"] <= 4 * 2
+        assert h["policy/entropy"] > 0 and h["policy/loss"] == h["policy/loss"]
+    ledger = summary["episode_ledger"]
+    assert ledger["trained"] + ledger["filtered"] == ledger["collected"]
+    assert ledger["filtered"] == sum(2 * h["rollout/filtered_groups"] for h in history)
+
+
+def test_bf16_rollouts_fp32_learner_the_mismatch_is_measured_and_corrected(ray_local, tmp_path):
+    """vLLM samples in bf16, the learners train in fp32. pi_old is recomputed by the learners,
+    so the first update starts on-policy (nothing clipped) while the engine mismatch shows up
+    in rollout/mismatch_kl and the importance weights; GSPO and REINFORCE++-baseline run."""
+    _, history = run_ppo(tmp_path, "steps=2", "rollout.dtype=bfloat16",
+                         "reward.function=reward_fns:response_length",
+                         "advantage=reinforce++-baseline", "policy_loss=gspo", "clip_eps=3e-4",
+                         "clip_eps_high=4e-4", "overlong=mask")
+    first = history[0]
+    assert first["rollout/mismatch_kl"] > 1e-6 and first["rollout/is_weight_mean"] != 1.0
+    assert first["policy/clip_frac"] == 0.0 and first["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 <= first["rollout/overlong_masked_frac"] <= 1.0
+    assert 0.0 <= first["rollout/is_clipped_frac"] <= 1.0

@@ -52,3 +52,23 @@ def test_unequal_scores_keep_the_group_advantage_and_add_the_penalty():
         assert (adv - plain)[i, 1: 1 + len(kl)].tolist() == pytest.approx(
             [-COEF * k for k in kl_to_go(kl)], abs=1e-6)
     assert float(((adv - plain) * (1 - batch.response_mask)).abs().max()) == 0.0  # nothing outside responses
+
+
+def test_dr_grpo_and_reinforce_pp_baseline_through_the_driver_function():
+    """critic_free_advantages routes grpo.normalize_std=false and reinforce++-baseline to the
+    pure math: unnormalised group centring, and group centring whitened over the batch."""
+    from rlhf_ray.advantages import masked_whiten
+
+    scores = [1.0, 0.0, 0.0, 0.0]
+    batch, t = group(scores, KLS)
+    mask = batch.response_mask
+    dr, _ = critic_free_advantages(batch, t, "grpo", 4, normalize_std=False)
+    for i, kl in enumerate(KLS):
+        assert dr[i, 1: 1 + len(kl)].tolist() == pytest.approx([scores[i] - 0.25] * len(kl))
+    baseline, _ = critic_free_advantages(batch, t, "reinforce++-baseline", 4)
+    centred = torch.zeros_like(mask)
+    for i, kl in enumerate(KLS):
+        centred[i, 1: 1 + len(kl)] = scores[i] - 0.25
+    assert torch.allclose(baseline, masked_whiten(centred, mask) * mask, atol=1e-6)
+    with_kl, _ = critic_free_advantages(batch, t, "reinforce++-baseline", 4, kl_coef=COEF)
+    assert not torch.allclose(with_kl, baseline, atol=1e-4)  # the KL enters before whitening

@@ -12,6 +12,7 @@ to rounding.
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -170,8 +171,9 @@ def test_ppo_terms_sum_to_the_full_batch_losses_and_metrics(aggregation):
 
     model.zero_grad()
     weights.grad = None
+    settings = dataclasses.replace(SETTINGS, aggregation=aggregation)
     losses, stats = summed_terms(batch.split(4), lambda mb: ppo_terms(
-        model(mb.input_ids), critic(mb, weights), mb, SETTINGS, aggregation, agg["num_tokens"],
+        model(mb.input_ids), critic(mb, weights), mb, settings, agg["num_tokens"],
         agg["num_seqs"], real_tokens))
 
     assert close(losses[0], policy + SETTINGS.kl_coef * kl)
@@ -196,7 +198,7 @@ def test_ppo_terms_on_policy_is_the_plain_policy_gradient_loss():
     batch.ref_logprobs = None
     real_tokens = float(batch.response_mask.sum())
     losses, stats = summed_terms(batch.split(3), lambda mb: ppo_terms(
-        model(mb.input_ids), None, mb, PPOLossSettings(kl_coef=0.5), "token_mean", real_tokens,
+        model(mb.input_ids), None, mb, PPOLossSettings(kl_coef=0.5), real_tokens,
         float(len(batch)), real_tokens))
     assert len(losses) == 1 and "kl/ref" not in stats and "value/loss" not in stats
     assert close(losses[0], -(batch.advantages * batch.response_mask).sum() / real_tokens)
@@ -204,18 +206,19 @@ def test_ppo_terms_on_policy_is_the_plain_policy_gradient_loss():
     assert stats["policy/clip_frac"] == 0
 
 
-def test_ppo_loss_settings_defaults_are_those_of_ppo_step():
-    """ppo_step builds PPOLossSettings from its own keyword defaults (read from the source:
-    importing the learner needs Ray)."""
+def test_ppo_step_takes_one_settings_object_defaulting_to_plain_ppo():
+    """ppo_step(batch, settings, ...) takes a PPOLossSettings, not a tuple of positional knobs
+    (read from the source: importing the learner needs Ray)."""
     tree = ast.parse((ROOT / "rlhf_ray/workers/learner.py").read_text())
     step = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
                 and n.name == "ppo_step")
-    args = step.args.args[-len(step.args.defaults):]
-    defaults = {a.arg: ast.literal_eval(d) for a, d in zip(args, step.args.defaults)}
+    assert [a.arg for a in step.args.args] == ["self", "batch", "settings", "num_tokens_global",
+                                               "num_seqs_global", "train_policy"]
+    assert ast.unparse(step.args.defaults[0]) == "loss_terms.PPOLossSettings()"
     settings = PPOLossSettings()
-    for field in ("clip_eps", "clip_eps_high", "dual_clip", "kl_coef", "kl_estimator",
-                  "value_clip_eps"):
-        assert getattr(settings, field) == defaults[field], field
+    assert (settings.clip_eps, settings.kl_coef, settings.kl_estimator, settings.policy_loss,
+            settings.aggregation, settings.entropy_coef, settings.temperature) == \
+        (0.2, 0.0, "k3", "ppo", "token_mean", 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- DPO and RM
@@ -326,3 +329,36 @@ def test_loss_terms_imports_only_torch_batch_and_losses():
             imported.add(node.module)
     allowed = {"__future__", "dataclasses", "torch", "rlhf_ray.batch", "rlhf_ray.losses"}
     assert imported <= allowed, imported - allowed
+
+
+@pytest.mark.parametrize("policy_loss, aggregation", [("gspo", "seq_mean_token_mean"),
+                                                     ("ppo", "seq_mean_token_sum_norm")])
+def test_ppo_terms_with_gspo_dr_grpo_and_an_entropy_bonus_sum_to_the_full_batch(policy_loss, aggregation):
+    """The options users pick (GSPO's sequence ratio, Dr. GRPO's constant normaliser, the
+    entropy bonus) keep the rule that micro-batch terms sum to the full-batch loss."""
+    from rlhf_ray.losses import entropy_bonus_loss, gspo_policy_loss
+
+    model = embedding(seed=7)
+    batch = experience(5, model)
+    batch.ref_logprobs = None
+    mask = batch.response_mask
+    real_tokens = float(mask.sum())
+    settings = PPOLossSettings(clip_eps=3e-4 if policy_loss == "gspo" else 0.2,
+                               clip_eps_high=4e-4 if policy_loss == "gspo" else None,
+                               aggregation=aggregation, norm_len=12.0, policy_loss=policy_loss,
+                               entropy_coef=0.01)
+    agg = {"aggregation": aggregation, "num_tokens": real_tokens, "num_seqs": float(len(batch)),
+           "norm_len": 12.0}
+    logits = model(batch.input_ids)
+    logprobs = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    fn = gspo_policy_loss if policy_loss == "gspo" else ppo_policy_loss
+    policy, _ = fn(logprobs, batch.old_logprobs, batch.advantages, mask, settings.clip_eps,
+                   settings.clip_eps_high, None, **agg)
+    want = policy + 0.01 * entropy_bonus_loss(logits[:, :-1], mask, **agg)
+    want.backward()
+    want_grad = grads(model)
+    model.zero_grad()
+    losses, _ = summed_terms(batch.split(2), lambda mb: ppo_terms(
+        model(mb.input_ids), None, mb, settings, real_tokens, float(len(batch)), real_tokens))
+    assert close(losses[0], want)
+    assert torch.allclose(grads(model), want_grad, rtol=1e-9, atol=1e-12)

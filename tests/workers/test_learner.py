@@ -24,6 +24,7 @@ import torch
 
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
 from rlhf_ray.config import LearnerConfig, OptimConfig
+from rlhf_ray.loss_terms import PPOLossSettings
 from rlhf_ray.workers.deepspeed_setup import ds_config, lr_schedule
 from rlhf_ray.workers.group import WorkerError, WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
@@ -212,8 +213,7 @@ def test_forward_logprobs_and_ppo_step_use_the_sampling_temperature(policy, tiny
     exp = ExperienceBatch(**batch.tensors(), old_logprobs=ours, ref_logprobs=ours.clone(),
                           advantages=torch.ones_like(ours) * batch.response_mask,
                           returns=torch.zeros_like(ours))
-    first = policy.call("ppo_step", exp, 0.2, None, None, 0.0, "k3", None, "token_mean", None, None,
-                        True, 0.7)[0]
+    first = policy.call("ppo_step", exp, PPOLossSettings(temperature=0.7))[0]
     assert first["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and first["policy/clip_frac"] == 0.0
     assert abs(first["kl/ref"]) < 1e-6
 
@@ -290,11 +290,11 @@ def test_ppo_step_with_value_model(policy):
     exp = ExperienceBatch(**seq.tensors(), old_logprobs=old, ref_logprobs=old.clone(),
                           advantages=torch.randn(mask.shape, generator=g) * mask,
                           returns=torch.full(mask.shape, 0.5) * mask)
-    first = policy.call("ppo_step", exp, kl_coef=0.1)[0]
+    first = policy.call("ppo_step", exp, PPOLossSettings(kl_coef=0.1))[0]
     assert first["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert first["policy/clip_frac"] == 0.0 and abs(first["kl/ref"]) < 1e-6
     assert policy.call("forward_values", seq)[0].shape == old.shape
-    steps = [policy.call("ppo_step", exp, kl_coef=0.1)[0] for _ in range(3)]
+    steps = [policy.call("ppo_step", exp, PPOLossSettings(kl_coef=0.1))[0] for _ in range(3)]
     for m in [first, *steps]:
         assert all(math.isfinite(v) for v in m.values()), m
         assert m["value/grad_norm"] > 0 and m["policy/entropy"] > 0
