@@ -121,7 +121,7 @@ def run(cfg: PPOConfig) -> dict:
             stream.ledger.check()
             metrics.update(stream.ledger.as_metrics())
             # g. log, evaluate, checkpoint
-            if cfg.eval_every and version % cfg.eval_every == 0 and version < cfg.steps:
+            if run.eval_due(version, cfg.steps):
                 metrics.update(evaluate())
             run.log(metrics, version)
             history.append({"step": version, **metrics, **trained})
