@@ -8,6 +8,7 @@
     rlhf-ray <recipe> [CONFIG.yaml] [k=v]        sft rm dpo prefs rs ppo pipeline generate
     rlhf-ray submit --address URL RECIPE ...     the same, as a job on a Ray cluster
     rlhf-ray scale --run NAME --rollout N        resize a running job's rollout workers
+    rlhf-ray serve-rm [CONFIG.yaml] [k=v]        serve a reward model / function over HTTP
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    recipes = _recipes()
+    from rlhf_ray.config import ServeRMConfig
+
+    recipes = {**_recipes(), "serve-rm": ServeRMConfig}
     if args.recipe not in recipes:
         print(f"error: unknown recipe '{args.recipe}'; choices: {', '.join(recipes)}",
               file=sys.stderr)
@@ -143,6 +146,15 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_rm(args: argparse.Namespace) -> int:
+    from rlhf_ray.config import ServeRMConfig
+    from rlhf_ray.workers.reward_http import serve
+
+    yaml_path, overrides = _split_config_args(args.items)
+    serve(build_config(ServeRMConfig, yaml_path, overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description="Distributed RLHF on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -153,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("config", help="print a recipe's resolved config as YAML")
-    p.add_argument("recipe", help="recipe name")
+    p.add_argument("recipe", help="recipe name (or serve-rm)")
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value]",
                    help="YAML overrides file, then dotted key=value overrides")
     p.add_argument("--doc", action="store_true", help="list every key with type, default and doc")
@@ -185,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the run's name: the last part of its run_dir")
     p.add_argument("--rollout", type=int, required=True, help="wanted number of rollout workers")
     p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("serve-rm", help="serve a reward model and/or function over HTTP",
+                       description="Serve reward.model and/or reward.function at POST /score "
+                                   "(the API is in rlhf_ray/workers/reward_http.py). Keys: "
+                                   "`rlhf-ray config`-style, see ServeRMConfig.")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    p.set_defaults(func=cmd_serve_rm)
 
     _add_recipes(sub)
     return parser

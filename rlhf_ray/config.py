@@ -138,10 +138,23 @@ class RewardConfig:
     normalize: bool = option(False, "Normalise scores with the mean/std stored in the reward model's config.")
     clip: float | None = option(None, "Clip scores to [-clip, clip] (null: no clip).")
     micro_batch_size: int = option(16, "Episodes scored per forward pass.")
+    url: str | None = option(None, "Remote reward endpoint speaking the `rlhf-ray serve-rm` API, e.g. http://host:8000 (null: none). Added to the model's and function's scores.")
+    url_token_env: str = option("RLHF_RAY_REWARD_TOKEN", "Environment variable that holds the endpoint's bearer token (read by the reward worker, never stored; unset: no token sent).")
+    url_timeout_s: float = option(30.0, "Timeout of one request to reward.url, in seconds.")
+    url_retries: int = option(3, "Retries of a request to reward.url that failed to connect, timed out or got 429/502/503/504 (backoff doubles from 0.5 s).")
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.model or self.function or self.url)
 
     def validate(self) -> None:
         if self.function and ":" not in self.function and not self.function.isidentifier():
             raise ConfigError(f"reward.function: expected a built-in name or 'module:function', got {self.function!r}")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"reward.url: expected an http:// or https:// address, got {self.url!r}")
+        if self.url_timeout_s <= 0 or self.url_retries < 0:
+            raise ConfigError(f"reward.url_timeout_s must be > 0 and reward.url_retries >= 0, "
+                              f"got {self.url_timeout_s} and {self.url_retries}")
 
 
 @dataclass
@@ -170,7 +183,7 @@ class GenerateConfig(RunConfig):
     data: DataConfig = section(DataConfig, "Prompts.")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling settings.")
     rollout: RolloutConfig = section(RolloutConfig, "Rollout workers.")
-    reward: RewardConfig = section(RewardConfig, "Optional scoring of the samples (null model and function: none).")
+    reward: RewardConfig = section(RewardConfig, "Optional scoring of the samples (null model, function and url: none).")
     split: Literal["train", "heldout", "all"] = option("heldout", "Which split of the data to prompt with.")
 
 
@@ -241,6 +254,31 @@ class DPOConfig(SFTConfig):
 @dataclass
 class DoctorConfig(RunConfig):
     model: ModelConfig = section(ModelConfig, "The tiny model used for the round trip.")
+
+
+@dataclass
+class ServeRMConfig:
+    """`rlhf-ray serve-rm`: a reward model and/or reward function over HTTP (no Ray)."""
+
+    reward: RewardConfig = option(RewardConfig(function="arithmetic"), "What the endpoint scores with (a model, a function, or both; not a url).")
+    dtype: Dtype = option("float32", "Reward model dtype.")
+    host: str = option("127.0.0.1", "Address to bind. Any address but loopback needs a bearer token in token_env.")
+    port: int = option(8000, "Port to bind (0: any free port, printed at start).")
+    token_env: str = option("RLHF_RAY_REWARD_TOKEN", "Environment variable holding the bearer token clients must send (unset: no auth, loopback only).")
+    max_body_kb: int = option(4096, "Largest request body accepted, in KiB (larger: 413).")
+    max_episodes: int = option(1024, "Most episodes in one request (more: 413).")
+    batch_wait_ms: float = option(5.0, "How long a request waits for others to join its scoring batch.")
+
+    def validate(self) -> None:
+        if self.reward.url:
+            raise ConfigError("reward.url: serve-rm scores with a local model or function; "
+                              "it does not forward to another endpoint")
+        if not (self.reward.model or self.reward.function):
+            raise ConfigError("reward: set reward.model, reward.function, or both")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: expected 0..65535, got {self.port}")
+        if self.max_body_kb < 1 or self.max_episodes < 1 or self.batch_wait_ms < 0:
+            raise ConfigError("max_body_kb and max_episodes must be at least 1, batch_wait_ms >= 0")
 
 
 # --------------------------------------------------------------------------- online recipes
@@ -341,8 +379,8 @@ class PPOConfig(RunConfig):
                               "truncated vocabulary")
         if self.prompts_per_step < 1 or self.steps < 1 or self.chunk_size < 1:
             raise ConfigError("steps, prompts_per_step and chunk_size must be at least 1")
-        if not (self.reward.model or self.reward.function):
-            raise ConfigError("reward: set reward.model, reward.function or both")
+        if not self.reward.is_set:
+            raise ConfigError("reward: set reward.model, reward.function, reward.url, or a combination")
         if self.value_warmup_steps and self.advantage != "gae":
             raise ConfigError(f"value_warmup_steps: only advantage=gae has a value model, "
                               f"got advantage={self.advantage}")

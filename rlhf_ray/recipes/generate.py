@@ -32,11 +32,11 @@ def run(cfg: GenerateConfig) -> dict:
         with run.phase("data"):
             prompts = load_prompts(cfg.data, load_tokenizer(model_path), cfg.rollout.max_model_len,
                                    cfg.split)
-        scoring = bool(cfg.reward.model or cfg.reward.function)
+        scoring = cfg.reward.is_set
         # 2. workers
-        with run.phase("start"):
-            rollouts = run.roles.rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+        with run.phase("start"):  # the reward first: a wrong url, model or function fails fast
             reward = run.roles.reward(cfg.reward) if scoring else None
+            rollouts = run.roles.rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed)
         # 3-4. generate, score as each worker finishes
         with run.phase("generate"):
             episodes = _generate_and_score(cfg, prompts, rollouts, reward)

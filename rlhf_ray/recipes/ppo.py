@@ -191,9 +191,9 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
     """Rollout workers, reward and reference servers, learners (a value model too for gae)."""
     reference_path = resolve_model(cfg.reference or cfg.model.path, role="reference")
     optimizer_steps = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
-    with run.phase("start"):
-        rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+    with run.phase("start"):  # the reward first: a wrong url, model or function fails fast
         reward = run.roles.reward(cfg.reward)
+        rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
         reference = run.roles.reference(reference_path, cfg.model.dtype)
         learners = run.roles.learners(
             policy_path, cfg.learner, cfg.optim, cfg.model.dtype, optimizer_steps=optimizer_steps,

@@ -1,9 +1,15 @@
-"""RewardServer: scores whole episodes (prompt + complete response) with a reward model
-and/or a reward function. Concurrent requests from many rollout workers are micro-batched.
+"""Episode rewards: a reward model, a reward function and/or a remote endpoint, summed.
+
+- ``RewardScorer`` scores a list of ``ScoreItem`` (prompt, response, answer) now, in the
+  calling thread. The RewardServer actor and the HTTP endpoint (``rlhf-ray serve-rm``) both
+  score through it, so the two give the same scores for the same episodes.
+- ``MicroBatcher`` joins requests that arrive together into one scoring call.
+- ``RewardServer`` is the Ray actor every recipe starts (``Roles.reward``).
 
 A reward function is a built-in checker name (``rlhf_ray.data.CHECKERS``) or any
 ``module:function`` with the signature ``fn(prompt: str, response: str, answer) -> float``.
-With both a model and a function, the episode reward is their sum.
+A remote endpoint (``reward.url``) is any server that speaks the API in
+``rlhf_ray.workers.reward_http``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import asyncio
 import importlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from rlhf_ray.batch import Episode
 from rlhf_ray.config import RewardConfig
@@ -47,19 +54,39 @@ def load_reward_function(spec: str) -> RewardFn:
     return fn
 
 
-class RewardServer(Worker):
-    """Episode-level rewards. An async actor: ``score`` calls that arrive together are
-    scored in shared micro-batches of at most ``reward.micro_batch_size`` episodes."""
+@dataclass(frozen=True)
+class ScoreItem:
+    """One episode to score, and how an error message names it."""
 
-    role = "reward"
+    prompt: str
+    response: str
+    answer: object = None
+    where: str = "episode"
 
-    def __init__(self, reward: RewardConfig, dtype: str = "float32", name: str = "reward"):
+    @classmethod
+    def of(cls, e: Episode) -> ScoreItem:
+        return cls(e.prompt_text, e.response_text, e.answer,
+                   f"episode (prompt {e.prompt_index}, sample {e.sample_index}, "
+                   f"from {e.worker or 'unknown worker'})")
+
+
+class RewardScorer:
+    """The sum of the configured parts: reward model + reward function + remote endpoint.
+    Synchronous; the callers (actor, HTTP server) run it off their event loop."""
+
+    def __init__(self, reward: RewardConfig, dtype: str = "float32"):
         import torch
 
-        if not reward.model and not reward.function:
-            raise ValueError("reward: set reward.model, reward.function, or both")
-        self.cfg, self.name = reward, name
+        if not reward.is_set:
+            raise ValueError("reward: set reward.model, reward.function, reward.url, or a combination")
+        self.cfg = reward
         self.function = load_reward_function(reward.function) if reward.function else None
+        self.remote = None
+        if reward.url:
+            from rlhf_ray.workers.reward_http import RemoteReward
+
+            self.remote = RemoteReward.from_config(reward)
+            self.remote.check()  # a wrong URL or token fails here, before any episode
         self.model = self.tokenizer = None
         self.mean, self.std = 0.0, 1.0
         if reward.model:
@@ -73,59 +100,37 @@ class RewardServer(Worker):
                 path, num_labels=1, dtype=getattr(torch, dtype)).eval()
             self.mean = float(getattr(self.model.config, "reward_mean", 0.0))
             self.std = float(getattr(self.model.config, "reward_std", 1.0)) or 1.0
-        self.queue: asyncio.Queue | None = None
-        self.stats = {"requests": 0, "episodes": 0, "forward_batches": 0}
+        self.forward_batches = 0
 
-    async def score(self, episodes: list[Episode]) -> list[float]:
-        """Rewards for ``episodes``, one float each, in order."""
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._batcher())
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((episodes, future))
-        return await future
+    def describe(self) -> dict:
+        return {"model": self.cfg.model, "function": self.cfg.function, "url": self.cfg.url,
+                "normalize": self.cfg.normalize, "clip": self.cfg.clip}
 
-    async def _batcher(self) -> None:
-        while True:
-            requests = [await self.queue.get()]
-            await asyncio.sleep(0.005)  # let requests that arrive together join this batch
-            while not self.queue.empty():
-                requests.append(self.queue.get_nowait())
-            episodes = [e for eps, _ in requests for e in eps]
-            try:
-                scores = await asyncio.to_thread(self._score_now, episodes)
-            except Exception as e:
-                for _, future in requests:
-                    future.set_exception(e)
-                continue
-            self.stats["requests"] += len(requests)
-            self.stats["episodes"] += len(episodes)
-            offset = 0
-            for eps, future in requests:
-                future.set_result(scores[offset: offset + len(eps)])
-                offset += len(eps)
-
-    def _score_now(self, episodes: list[Episode]) -> list[float]:
-        scores = [0.0] * len(episodes)
+    def score(self, items: list[ScoreItem]) -> list[float]:
+        """One float per item, in order."""
+        scores = [0.0] * len(items)
         if self.model is not None:
-            for start in range(0, len(episodes), self.cfg.micro_batch_size):
-                chunk = episodes[start: start + self.cfg.micro_batch_size]
+            for start in range(0, len(items), self.cfg.micro_batch_size):
+                chunk = items[start: start + self.cfg.micro_batch_size]
                 for i, s in enumerate(self._model_scores(chunk)):
                     scores[start + i] += s
-                self.stats["forward_batches"] += 1
+                self.forward_batches += 1
         if self.function is not None:
-            for i, e in enumerate(episodes):
-                scores[i] += self._call_function(e)
+            for i, item in enumerate(items):
+                scores[i] += self._call_function(item)
+        if self.remote is not None and items:
+            for i, s in enumerate(self.remote.score(items)):
+                scores[i] += s
         if self.cfg.clip is not None:
             scores = [max(-self.cfg.clip, min(self.cfg.clip, s)) for s in scores]
         return scores
 
-    def _model_scores(self, episodes: list[Episode]) -> list[float]:
+    def _model_scores(self, items: list[ScoreItem]) -> list[float]:
         import torch
 
         from rlhf_ray.models import sequence_scores
 
-        texts = [e.prompt_text + e.response_text for e in episodes]
+        texts = [item.prompt + item.response for item in items]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             logits = sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).float()
@@ -133,26 +138,83 @@ class RewardServer(Worker):
             logits = (logits - self.mean) / self.std
         return logits.tolist()
 
-    def _call_function(self, e: Episode) -> float:
-        where = (f"episode (prompt {e.prompt_index}, sample {e.sample_index}, "
-                 f"from {e.worker or 'unknown worker'})")
+    def _call_function(self, item: ScoreItem) -> float:
         try:
-            value = self.function(e.prompt_text, e.response_text, e.answer)
+            value = self.function(item.prompt, item.response, item.answer)
         except Exception as exc:
             raise RewardError(f"reward function '{self.cfg.function}' raised "
-                              f"{type(exc).__name__}: {exc} on {where}") from exc
+                              f"{type(exc).__name__}: {exc} on {item.where}") from exc
         try:
             value = float(value)
         except (TypeError, ValueError):
             raise RewardError(f"reward function '{self.cfg.function}' returned {value!r} "
-                              f"(expected a float) on {where}") from None
+                              f"(expected a float) on {item.where}") from None
         if not math.isfinite(value):
-            raise RewardError(f"reward function '{self.cfg.function}' returned {value} on {where}")
+            raise RewardError(f"reward function '{self.cfg.function}' returned {value} on {item.where}")
         return value
 
+
+class MicroBatcher:
+    """``await submit(items)`` from many concurrent callers: the requests that arrive within
+    ``wait_s`` of each other are scored together by one call of ``score_batch`` (run in a
+    thread, so the event loop keeps accepting requests)."""
+
+    def __init__(self, score_batch: Callable[[list], list[float]], wait_s: float = 0.005):
+        self.score_batch, self.wait_s = score_batch, wait_s
+        self.queue: asyncio.Queue | None = None
+        self.stats = {"requests": 0, "episodes": 0, "batches": 0}
+
+    def submit(self, items: list) -> Awaitable[list[float]]:
+        loop = asyncio.get_running_loop()
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            loop.create_task(self._run())
+        future = loop.create_future()
+        self.queue.put_nowait((items, future))
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            requests = [await self.queue.get()]
+            await asyncio.sleep(self.wait_s)  # let requests that arrive together join this batch
+            while not self.queue.empty():
+                requests.append(self.queue.get_nowait())
+            items = [item for batch, _ in requests for item in batch]
+            try:
+                scores = await asyncio.to_thread(self.score_batch, items)
+            except Exception as e:
+                for _, future in requests:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            self.stats["requests"] += len(requests)
+            self.stats["episodes"] += len(items)
+            self.stats["batches"] += 1
+            offset = 0
+            for batch, future in requests:
+                if not future.done():  # a caller that gave up (e.g. a closed connection)
+                    future.set_result(scores[offset: offset + len(batch)])
+                offset += len(batch)
+
+
+class RewardServer(Worker):
+    """Episode-level rewards. An async actor: ``score`` calls that arrive together are
+    scored in shared micro-batches of at most ``reward.micro_batch_size`` episodes."""
+
+    role = "reward"
+
+    def __init__(self, reward: RewardConfig, dtype: str = "float32", name: str = "reward"):
+        self.cfg, self.name = reward, name
+        self.scorer = RewardScorer(reward, dtype)
+        self.batcher = MicroBatcher(self.scorer.score)
+
+    async def score(self, episodes: list[Episode]) -> list[float]:
+        """Rewards for ``episodes``, one float each, in order."""
+        return await self.batcher.submit([ScoreItem.of(e) for e in episodes])
+
     def get_stats(self) -> dict:
-        return dict(self.stats)
+        return {"requests": self.batcher.stats["requests"], "episodes": self.batcher.stats["episodes"],
+                "forward_batches": self.scorer.forward_batches}
 
     def health(self) -> dict:
-        return {**super().health(), "name": self.name, "model": self.cfg.model,
-                "function": self.cfg.function, "time": time.time()}
+        return {**super().health(), "name": self.name, **self.scorer.describe(), "time": time.time()}
