@@ -1,11 +1,98 @@
 #!/usr/bin/env bash
-# Two Ray nodes on one machine: a head with 1 CPU and a worker with 1 CPU and a custom
-# "rollout_node" resource. Stop with: ray stop --force
+# A three-node Ray cluster on one machine, for trying placement by custom resources:
+#   head          1 CPU, the dashboard (jobs are submitted here)
+#   rollout node  1 CPU and {"rollout_node": 4}
+#   learner node  1 CPU and {"learner_node": 4}
+#
+#   cluster/local_multinode.sh start DIR    # prints the dashboard address; DIR holds its state
+#   cluster/local_multinode.sh stop DIR     # stops exactly these nodes (not other Rays)
+#
+# Then place roles with e.g.
+#   rlhf-ray submit --address "$(cat DIR/dashboard)" --wait ppo launch/configs/ppo_tiny.yaml \
+#     'rollout.resources={rollout_node: 1}' 'learner.resources={learner_node: 1}'
+#
+# Every port is picked free at start, and each node runs `ray start --block` in its own
+# process group (listed in DIR/pgids), so the cluster can live beside another Ray and
+# `stop` touches nothing else. RAY (default: the ray next to PYTHON) and PYTHON (default:
+# python3) choose the install; RAY_AUTH_MODE defaults to disabled for this local cluster.
 set -euo pipefail
-export RAY_AUTH_MODE=disabled
-ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=1 \
-    --dashboard-host=127.0.0.1 --include-dashboard=true
-ray start --address=127.0.0.1:6380 --num-cpus=1 --resources='{"rollout_node": 4}'
-echo "cluster up: submit with"
-echo "  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\"
-echo "    $(pwd)/.venv/bin/python -m rlhf_ray.cli generate launch/configs/generate_tiny.yaml ray.address=auto"
+
+cmd=${1:?usage: $0 start|stop DIR}
+dir=${2:?usage: $0 start|stop DIR}
+PYTHON=${PYTHON:-python3}
+RAY=${RAY:-$(dirname "$(command -v "$PYTHON")")/ray}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
+
+free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+node_ports() {  # the per-node agent ports; their defaults would clash with another Ray
+    echo "--dashboard-agent-listen-port=$(free_port) --dashboard-agent-grpc-port=$(free_port)" \
+         "--runtime-env-agent-port=$(free_port) --metrics-export-port=$(free_port)"
+}
+
+start_node() {  # start_node LOG ARGS...: one `ray start --block` in its own session
+    local log=$1; shift
+    setsid "$RAY" start --block "$@" >"$dir/$log.log" 2>&1 &
+    echo $! >>"$dir/pgids"
+}
+
+case $cmd in
+start)
+    mkdir -p "$dir"
+    : >"$dir/pgids"
+    # Ray's socket paths must stay short: its temp dir lives under /tmp
+    tmp=$(mktemp -d /tmp/rrc.XXXXXX)
+    echo "$tmp" >"$dir/ray_tmp"
+    gcs=$(free_port) dash=$(free_port)
+    # shellcheck disable=SC2046
+    start_node head --head --node-ip-address=127.0.0.1 --port="$gcs" --num-cpus=1 \
+        --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
+        --temp-dir="$tmp" --object-store-memory=200000000 $(node_ports)
+    for _ in $(seq 120); do  # the head is up once its GCS answers
+        "$PYTHON" -c "import socket; socket.create_connection(('127.0.0.1', $gcs), 1)" 2>/dev/null && break
+        sleep 0.5
+    done
+    # shellcheck disable=SC2046
+    start_node rollout_node --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus=1 \
+        --resources='{"rollout_node": 4}' --object-store-memory=200000000 $(node_ports)
+    # shellcheck disable=SC2046
+    start_node learner_node --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus=1 \
+        --resources='{"learner_node": 4}' --object-store-memory=200000000 $(node_ports)
+    echo "127.0.0.1:$gcs" >"$dir/address"
+    echo "http://127.0.0.1:$dash" >"$dir/dashboard"
+    # wait until all three nodes are alive, then write their ids and resources
+    "$PYTHON" - "$gcs" "$dir/nodes.json" <<'EOF'
+import json, sys, time
+import ray
+ray.init(address=f"127.0.0.1:{sys.argv[1]}", log_to_driver=False, logging_level="ERROR")
+deadline = time.time() + 300
+while True:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) == 3 or time.time() > deadline:
+        break
+    time.sleep(1)
+json.dump([{"node_id": n["NodeID"], "resources": n["Resources"]} for n in nodes],
+          open(sys.argv[2], "w"), indent=1)
+ray.shutdown()
+sys.exit(0 if len(nodes) == 3 else f"only {len(nodes)} of 3 nodes came up; see {sys.argv[2]}")
+EOF
+    echo "cluster up: $(cat "$dir/dashboard") (GCS $(cat "$dir/address"); nodes in $dir/nodes.json)"
+    ;;
+stop)
+    [ -f "$dir/pgids" ] || { echo "no cluster state in $dir" >&2; exit 1; }
+    # worker nodes first, the head last; SIGTERM lets each `ray start --block` stop its node
+    for pgid in $(tac "$dir/pgids"); do kill -TERM -- "-$pgid" 2>/dev/null || true; done
+    for _ in $(seq 60); do
+        alive=0
+        for pgid in $(cat "$dir/pgids"); do kill -0 -- "-$pgid" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
+        sleep 0.5
+    done
+    for pgid in $(cat "$dir/pgids"); do kill -KILL -- "-$pgid" 2>/dev/null || true; done
+    [ -f "$dir/ray_tmp" ] && rm -rf "$(cat "$dir/ray_tmp")"
+    rm -f "$dir/pgids"
+    echo "cluster stopped"
+    ;;
+*)
+    echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+esac

@@ -18,6 +18,25 @@ Dtype = Literal["float32", "bfloat16"]
 # --------------------------------------------------------------------------- shared parts
 
 
+def check_placement(section: str, count_key: str, count: int, cpus_key: str, cpus: float,
+                    gpus_key: str, gpus: float, resources: dict) -> None:
+    """The placement keys every role has: a count, CPUs, GPUs (fractional: roles can share
+    a GPU) and custom Ray resources (node pools, labels)."""
+    if count < 1:
+        raise ConfigError(f"{section}.{count_key}: expected at least 1, got {count}")
+    if cpus < 0 or gpus < 0:
+        raise ConfigError(f"{section}.{cpus_key} and {section}.{gpus_key}: expected >= 0, got {cpus} and {gpus}")
+    if gpus > 1 and gpus != int(gpus):
+        raise ConfigError(f"{section}.{gpus_key}: a fraction of a GPU must be below 1, got {gpus}")
+    for name, amount in resources.items():
+        if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ConfigError(f"{section}.resources: expected a mapping of resource name to a positive "
+                              f"amount, e.g. {{rollout_node: 1}}; got {name!r}: {amount!r}")
+        if name in ("CPU", "GPU", "memory"):
+            raise ConfigError(f"{section}.resources.{name}: set {section}.{cpus_key if name == 'CPU' else gpus_key} instead")
+
+
+
 @dataclass
 class RayConfig:
     address: str = option("local", "Ray address: 'local' starts a private Ray; 'auto' or ray://host:port joins a cluster.")
@@ -90,11 +109,12 @@ class LearnerConfig:
     cpus_per_worker: float = option(1.0, "Ray CPUs reserved per learner.")
     gpus_per_worker: float = option(0.0, "Ray GPUs reserved per learner (0 on CPU machines).")
     placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the learners: pack (same node first) or spread.")
+    resources: dict[str, float] = option({}, "Custom Ray resources per learner, e.g. {trainer_node: 1}: places learners on the nodes that have them.")
     backend: Literal["auto", "gloo", "nccl"] = option("auto", "torch.distributed backend: auto picks nccl on GPU, gloo on CPU.")
 
     def validate(self) -> None:
-        if self.num_workers < 1:
-            raise ConfigError(f"learner.num_workers: expected at least 1, got {self.num_workers}")
+        check_placement("learner", "num_workers", self.num_workers, "cpus_per_worker", self.cpus_per_worker,
+                        "gpus_per_worker", self.gpus_per_worker, self.resources)
         if self.micro_batch_size < 1:
             raise ConfigError(f"learner.micro_batch_size: expected at least 1, got {self.micro_batch_size}")
         if self.offload and self.zero_stage == 0:
@@ -124,17 +144,38 @@ class RolloutConfig:
     max_model_len: int = option(1024, "vLLM context length (prompt plus response).")
     kv_cache_gib: int = option(1, "KV-cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = option(0.5, "Fraction of GPU memory vLLM may take (GPU).")
+    enforce_eager: bool | None = option(None, "vLLM eager mode, no CUDA graphs (null: true on CPU, false on GPU).")
+    max_num_seqs: int | None = option(None, "Most sequences vLLM runs at once (null: vLLM's default).")
+    enable_prefix_caching: bool = option(False, "vLLM prefix caching (shares the KV cache of the prompt among a group's n samples).")
     cpus_per_worker: float = option(0.5, "Ray CPUs reserved per rollout worker.")
     gpus_per_worker: float = option(0.0, "Ray GPUs reserved per rollout worker.")
     placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the rollout workers: pack or spread.")
+    resources: dict[str, float] = option({}, "Custom Ray resources per rollout worker, e.g. {rollout_node: 1}.")
     dtype: Literal["float32", "bfloat16"] | None = option(None, "vLLM weights dtype (null: model.dtype); bf16 rollouts with fp32 learners need rollout_correction.")
+
+    @property
+    def eager(self) -> bool:
+        """``enforce_eager`` resolved: eager on CPU, CUDA graphs on GPU."""
+        return self.gpus_per_worker == 0 if self.enforce_eager is None else self.enforce_eager
+
+    def validate(self) -> None:
+        check_placement("rollout", "num_workers", self.num_workers, "cpus_per_worker", self.cpus_per_worker,
+                        "gpus_per_worker", self.gpus_per_worker, self.resources)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.gpu_memory_utilization: expected 0 < x <= 1, got {self.gpu_memory_utilization}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ConfigError(f"rollout.max_num_seqs: expected at least 1 (or null), got {self.max_num_seqs}")
 
 
 @dataclass
 class RewardConfig:
     model: str | None = option(None, "Reward model: an asset name or folder of a sequence classifier (null: none).")
     function: str | None = option(None, "Reward function: a built-in checker name or 'module:function' (null: none).")
-    num_replicas: int = option(1, "RewardServer replicas.")
+    num_replicas: int = option(1, "RewardServer replicas (requests go round-robin).")
+    cpus_per_replica: float = option(0.0, "Ray CPUs reserved per RewardServer.")
+    gpus_per_replica: float = option(0.0, "Ray GPUs per RewardServer; a fraction shares a GPU with another role. >0 runs the reward model on the GPU.")
+    resources: dict[str, float] = option({}, "Custom Ray resources per RewardServer, e.g. {rm_node: 1}.")
+    dtype: Dtype | None = option(None, "Reward model dtype (null: float32).")
     normalize: bool = option(False, "Normalise scores with the mean/std stored in the reward model's config.")
     clip: float | None = option(None, "Clip scores to [-clip, clip] (null: no clip).")
     micro_batch_size: int = option(16, "Episodes scored per forward pass.")
@@ -152,9 +193,38 @@ class RewardConfig:
             raise ConfigError(f"reward.function: expected a built-in name or 'module:function', got {self.function!r}")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"reward.url: expected an http:// or https:// address, got {self.url!r}")
+        check_placement("reward", "num_replicas", self.num_replicas, "cpus_per_replica", self.cpus_per_replica,
+                        "gpus_per_replica", self.gpus_per_replica, self.resources)
         if self.url_timeout_s <= 0 or self.url_retries < 0:
             raise ConfigError(f"reward.url_timeout_s must be > 0 and reward.url_retries >= 0, "
                               f"got {self.url_timeout_s} and {self.url_retries}")
+
+
+@dataclass
+class ReferenceConfig:
+    model: str | None = option(None, "Frozen reference model (null: the starting policy).")
+    dtype: Dtype | None = option(None, "Reference dtype (null: model.dtype).")
+    num_replicas: int = option(1, "ReferenceServer replicas (requests go round-robin).")
+    cpus_per_replica: float = option(0.0, "Ray CPUs reserved per ReferenceServer.")
+    gpus_per_replica: float = option(0.0, "Ray GPUs per ReferenceServer; a fraction shares a GPU with another role. >0 runs it on the GPU.")
+    resources: dict[str, float] = option({}, "Custom Ray resources per ReferenceServer.")
+    micro_batch_size: int = option(8, "Episodes per reference forward pass.")
+
+    def validate(self) -> None:
+        check_placement("reference", "num_replicas", self.num_replicas, "cpus_per_replica", self.cpus_per_replica,
+                        "gpus_per_replica", self.gpus_per_replica, self.resources)
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"reference.micro_batch_size: expected at least 1, got {self.micro_batch_size}")
+
+
+@dataclass
+class WeightSyncConfig:
+    transport: Literal["auto", "object_store", "broadcast"] = option("auto", "Learner -> rollout weights: auto is broadcast (NCCL) when learners and rollouts are on GPUs, else the object store.")
+    bucket_mb: int = option(256, "Broadcast bucket size in MiB (tensors are sent in buckets of about this size).")
+
+    def validate(self) -> None:
+        if self.bucket_mb < 1:
+            raise ConfigError(f"weight_sync.bucket_mb: expected at least 1, got {self.bucket_mb}")
 
 
 @dataclass
@@ -309,7 +379,8 @@ class GRPOConfig:
 @dataclass
 class PPOConfig(RunConfig):
     model: ModelConfig = section(ModelConfig, "The policy to train (usually the SFT model).")
-    reference: str | None = option(None, "Frozen reference model (null: the starting policy).")
+    reference: ReferenceConfig = section(ReferenceConfig, "The frozen reference: model, dtype and placement.")
+    weight_sync: WeightSyncConfig = section(WeightSyncConfig, "How new weights reach the rollout workers.")
     value_model: str | None = option(None, "Value model init for gae (null: the policy's backbone).")
     data: DataConfig = option(DataConfig(format="prompt", template="chat"), "Prompts (format: prompt).")
     sampling: SamplingConfig = option(SamplingConfig(n=4), "Sampling; sampling.n is the group size.")

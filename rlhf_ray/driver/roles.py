@@ -15,7 +15,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from rlhf_ray.config import LearnerConfig, OptimConfig, RayConfig, RewardConfig, RolloutConfig
+from rlhf_ray.config import (
+    LearnerConfig,
+    OptimConfig,
+    RayConfig,
+    ReferenceConfig,
+    RewardConfig,
+    RolloutConfig,
+)
 from rlhf_ray.runtime import ray_session
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
@@ -33,6 +40,9 @@ class Roles:
         its own; the run puts its SIGTERM handler back there)."""
         self.ray, self.env, self.on_connect = ray, env, on_connect
         self.groups: list[WorkerGroup] = []
+        # role -> where each worker it started ran (node id, ip, pid, GPUs): for summary.json
+        self.placements: dict[str, list[dict]] = {}
+        self.resolved: dict[str, dict] = {}  # settings as the workers resolved them (vLLM's)
         self._cleanups: list[Callable[[], None]] = []  # run before the groups stop
         self._session = contextlib.ExitStack()
         self._connected = False
@@ -63,21 +73,30 @@ class Roles:
     def rollouts(self, model: str, rollout: RolloutConfig, dtype: str, seed: int) -> WorkerGroup:
         """``rollout.num_workers`` vLLM engines serving ``model`` (in ``rollout.dtype``, or
         ``dtype`` when that is null)."""
-        return self._start(RolloutWorker, "rollout", rollout.num_workers,
-                           args=(model, rollout, rollout.dtype or dtype, seed),
-                           resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
-                                                     placement=rollout.placement))
+        group = self._start(RolloutWorker, "rollout", rollout.num_workers,
+                            args=(model, rollout, rollout.dtype or dtype, seed),
+                            resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
+                                                      custom=dict(rollout.resources),
+                                                      placement=rollout.placement))
+        self.resolved["rollout_engine"] = group.call("health")[0]["engine"]
+        return group
 
     def reward(self, reward: RewardConfig) -> WorkerGroup:
-        """``reward.num_replicas`` RewardServers (a reward model, a function, or both)."""
-        return self._start(RewardServer, "reward", reward.num_replicas, args=(reward,),
-                           resources=WorkerResources(num_cpus=0))
+        """``reward.num_replicas`` RewardServers (a reward model, a function, a remote
+        endpoint, or a sum of them), each placed by the ``reward`` section."""
+        return self._start(RewardServer, "reward", reward.num_replicas,
+                           args=(reward, reward.dtype or "float32"),
+                           resources=WorkerResources(reward.cpus_per_replica, reward.gpus_per_replica,
+                                                     custom=dict(reward.resources)))
 
-    def reference(self, model: str, dtype: str, micro_batch_size: int = 8,
-                  cpus: float = 0.0) -> WorkerGroup:
-        """One frozen ReferenceServer for per-token or summed reference log-probs."""
-        return self._start(ReferenceServer, "reference", 1, args=(model, dtype, micro_batch_size),
-                           resources=WorkerResources(num_cpus=cpus))
+    def reference(self, model: str, dtype: str, reference: ReferenceConfig | None = None) -> WorkerGroup:
+        """``reference.num_replicas`` frozen ReferenceServers of ``model`` (in
+        ``reference.dtype``, or ``dtype`` when that is null), placed by ``reference``."""
+        reference = reference or ReferenceConfig()
+        return self._start(ReferenceServer, "reference", reference.num_replicas,
+                           args=(model, reference.dtype or dtype, reference.micro_batch_size),
+                           resources=WorkerResources(reference.cpus_per_replica, reference.gpus_per_replica,
+                                                     custom=dict(reference.resources)))
 
     def learners(self, model: str, learner: LearnerConfig, optim: OptimConfig, dtype: str, *,
                  optimizer_steps: int | None, seed: int, model_kind: str = "causal_lm",
@@ -93,6 +112,7 @@ class Roles:
                                         seed=seed, value_model_path=value_model,
                                         value_optim=value_optim),
                             resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
+                                                      custom=dict(learner.resources),
                                                       placement=learner.placement))
         group.call("init")
         return group
@@ -108,4 +128,7 @@ class Roles:
         group = WorkerGroup(actor_cls, role, num_workers, timeout_s=self.ray.call_timeout_s,
                             start_timeout_s=self.ray.start_timeout_s, **options)
         self.groups.append(group)
+        self.placements.setdefault(role, []).extend(
+            {"rank": rank, **{k: info[k] for k in ("node_id", "ip", "host", "pid", "gpu_ids")}}
+            for rank, info in enumerate(group.infos))
         return group

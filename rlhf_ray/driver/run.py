@@ -183,7 +183,8 @@ class Run:
                                                self.run_dir / f"{self.recipe}.png", title,
                                                xlabel=xlabel))
         resumed = {"resumed_from": str(self.resume_from) if self.resume_from else None}
-        return self.logger.finish(outputs, {**resumed, **(extra or {})})
+        placed = {"workers": self.roles.placements, **self.roles.resolved} if self.roles.placements else {}
+        return self.logger.finish(outputs, {**resumed, **placed, **(extra or {})})
 
 
 def _exit_on_sigterm(*_: Any) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import PreferenceBatch, SequenceBatch
-from rlhf_ray.config import DPOConfig
+from rlhf_ray.config import DPOConfig, ReferenceConfig
 from rlhf_ray.data import load_tokenizer, pad_id, preference_examples
 from rlhf_ray.driver import batches
 from rlhf_ray.driver import learners as learner_calls
@@ -61,8 +61,8 @@ def run(cfg: DPOConfig) -> dict:
         with run.phase("start"):
             learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
                                           optimizer_steps=total, seed=cfg.seed)
-            ref = run.roles.reference(*reference, micro_batch_size=cfg.learner.micro_batch_size,
-                                      cpus=cfg.reference_cpus)
+            ref = run.roles.reference(*reference, ReferenceConfig(
+                micro_batch_size=cfg.learner.micro_batch_size, cpus_per_replica=cfg.reference_cpus))
         start = run.restore(learners)
         if start == 0:
             run.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),

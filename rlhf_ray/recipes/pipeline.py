@@ -77,7 +77,8 @@ def run(cfg: PipelineConfig) -> dict:
         if "ppo" in cfg.stages:
             reward = cfg.ppo.reward if rm_model is None else dataclasses.replace(cfg.ppo.reward, model=rm_model)
             models["ppo"] = stage("ppo", cfg.ppo, model=with_model(cfg.ppo.model, policy),
-                                  reference=sft_model, reward=reward)["model"]
+                                  reference=dataclasses.replace(cfg.ppo.reference, model=sft_model),
+                                  reward=reward)["model"]
         # 5'. DPO branch from the SFT model
         if "dpo" in cfg.stages:
             data = cfg.dpo.data if pairs is None else dataclasses.replace(cfg.dpo.data, source=pairs)

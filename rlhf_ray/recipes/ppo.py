@@ -189,17 +189,18 @@ class KLPenalty:
 
 def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
     """Rollout workers, reward and reference servers, learners (a value model too for gae)."""
-    reference_path = resolve_model(cfg.reference or cfg.model.path, role="reference")
+    reference_path = resolve_model(cfg.reference.model or cfg.model.path, role="reference")
     optimizer_steps = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
     with run.phase("start"):  # the reward first: a wrong url, model or function fails fast
         reward = run.roles.reward(cfg.reward)
         rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
-        reference = run.roles.reference(reference_path, cfg.model.dtype)
+        reference = run.roles.reference(reference_path, cfg.model.dtype, cfg.reference)
         learners = run.roles.learners(
             policy_path, cfg.learner, cfg.optim, cfg.model.dtype, optimizer_steps=optimizer_steps,
             seed=cfg.seed, value_model=cfg.value_model,
             value_optim=OptimConfig(lr=cfg.value_lr) if cfg.advantage == "gae" else None)
-    return Workers(rollouts, reward, reference, learners, WeightSync(learners, rollouts))
+    sync = WeightSync(learners, rollouts, cfg.weight_sync.transport, cfg.weight_sync.bucket_mb)
+    return Workers(rollouts, reward, reference, learners, sync)
 
 
 def _resume(run: Run, workers: Workers, kl: KLPenalty) -> tuple[int, list[dict]]:

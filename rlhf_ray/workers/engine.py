@@ -15,16 +15,21 @@ def cpu_env_defaults(kv_cache_gib: int = 1) -> None:
 
 def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
              kv_cache_gib: int = 1, tensor_parallel_size: int = 1,
-             gpu_memory_utilization: float = 0.5, seed: int = 0, worker_extension: str | None = None):
-    """A ``vllm.LLM`` in eager mode; ``worker_extension`` adds weight-update methods."""
+             gpu_memory_utilization: float = 0.5, seed: int = 0, worker_extension: str | None = None,
+             enforce_eager: bool = True, max_num_seqs: int | None = None,
+             enable_prefix_caching: bool = False):
+    """A ``vllm.LLM``; ``worker_extension`` adds weight-update methods. Returns the engine;
+    the settings it was built with are :func:`engine_settings` of the same arguments."""
     cpu_env_defaults(kv_cache_gib)
     from vllm import LLM
 
     # processed_logprobs: the log-probs of the distribution sampled from (after temperature),
     # which is what the learner's ratio and the KL compare against
-    kwargs = dict(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
+    kwargs = dict(model=model_path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
                   tensor_parallel_size=tensor_parallel_size, seed=seed,
-                  logprobs_mode="processed_logprobs")
+                  logprobs_mode="processed_logprobs", enable_prefix_caching=enable_prefix_caching)
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
     import torch
 
     if torch.cuda.is_available():

@@ -50,7 +50,8 @@ class Worker:
 
     def node_info(self) -> dict:
         return {"ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
-                "pid": os.getpid(), "free_port": free_port()}
+                "pid": os.getpid(), "free_port": free_port(),
+                "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()}
 
     def set_rank_env(self, rank: int, world_size: int, master_addr: str, master_port: int,
                      local_rank: int) -> None:
@@ -62,6 +63,13 @@ class Worker:
 
     def health(self) -> dict:
         return {"role": self.role, "pid": os.getpid(), "ok": True}
+
+
+def role_device() -> str:
+    """"cuda" in an actor that Ray gave a GPU (or a fraction of one), else "cpu"."""
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 def free_port() -> int:
@@ -97,6 +105,7 @@ class WorkerGroup:
         self.distributed, self.timeout_s, self.start_timeout_s = distributed, timeout_s, start_timeout_s
         self.workers: list[Any] = []
         self.nodes: list[str] = []
+        self.infos: list[dict] = []  # each worker's node_info(): node id, ip, pid, GPUs
         self._pg = None
         self._remote_cls = ray.remote(actor_cls)
         self.add(num_workers)
@@ -141,6 +150,7 @@ class WorkerGroup:
                 self._pg = None
             raise
         self.workers.extend(new)
+        self.infos.extend(infos)
         self.nodes.extend(f"{info['ip']} ({info['host']}, pid {info['pid']})" for info in infos)
         if self.distributed:
             self._rendezvous(infos[0] if start == 0 else None)
@@ -169,6 +179,7 @@ class WorkerGroup:
         self._stop(list(range(len(self.workers) - n, len(self.workers))))
         del self.workers[-n:]
         del self.nodes[-n:]
+        del self.infos[-n:]
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -232,7 +243,7 @@ class WorkerGroup:
     def shutdown(self) -> None:
         """Shut every worker down cleanly, then kill it and free the placement group."""
         self._stop(list(range(len(self.workers))))
-        self.workers, self.nodes = [], []
+        self.workers, self.nodes, self.infos = [], [], []
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlhf_ray.batch import Episode, SequenceBatch
-from rlhf_ray.workers.group import Worker
+from rlhf_ray.workers.group import Worker, role_device
 
 
 def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_size: int,
@@ -18,9 +18,10 @@ def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_s
     for start in range(0, len(episodes), micro_batch_size):
         chunk = episodes[start: start + micro_batch_size]
         batch = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
+        batch = batch.to(model.device)
         with torch.no_grad():
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logprobs = token_logprobs(logits.float() / temperature, batch.input_ids)  # (B, T-1)
+            logprobs = token_logprobs(logits.float() / temperature, batch.input_ids).cpu()  # (B, T-1)
         for i, e in enumerate(chunk):
             first = len(e.prompt_ids) - 1  # logprobs[:, j] scores token j+1
             out.append(logprobs[i, first: first + len(e.response_ids)].tolist())
@@ -41,7 +42,9 @@ class ReferenceServer(Worker):
 
         self.name = name
         self.path = resolve_model(model_path, role="reference")
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype)).eval()
+        self.device = role_device()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=getattr(torch, dtype)).eval().to(self.device)
         self.model.requires_grad_(False)
         self.pad_id = AutoTokenizer.from_pretrained(self.path).pad_token_id
         self.micro_batch_size = micro_batch_size
@@ -61,13 +64,13 @@ class ReferenceServer(Worker):
 
         out = []
         for start in range(0, len(batch), self.micro_batch_size):
-            mb = batch.select(slice(start, start + self.micro_batch_size))
+            mb = batch.select(slice(start, start + self.micro_batch_size)).to(self.device)
             width = int(mb.attention_mask.sum(1).max())  # drop all-padding columns
             ids, mask = mb.input_ids[:, :width], mb.attention_mask[:, :width]
             with torch.no_grad():
                 logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                out.append(sequence_logprobs(logits.float(), ids, mb.loss_mask[:, :width]))
+                out.append(sequence_logprobs(logits.float(), ids, mb.loss_mask[:, :width]).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def health(self) -> dict:
-        return {**super().health(), "name": self.name, "model": self.path}
+        return {**super().health(), "name": self.name, "model": self.path, "device": self.device}

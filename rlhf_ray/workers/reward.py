@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from rlhf_ray.batch import Episode
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.errors import UserError
-from rlhf_ray.workers.group import Worker
+from rlhf_ray.workers.group import Worker, role_device
 
 RewardFn = Callable[[str, str, object], float]
 
@@ -74,7 +74,7 @@ class RewardScorer:
     """The sum of the configured parts: reward model + reward function + remote endpoint.
     Synchronous; the callers (actor, HTTP server) run it off their event loop."""
 
-    def __init__(self, reward: RewardConfig, dtype: str = "float32"):
+    def __init__(self, reward: RewardConfig, dtype: str = "float32", device: str = "cpu"):
         import torch
 
         if not reward.is_set:
@@ -89,6 +89,7 @@ class RewardScorer:
             self.remote.check()  # a wrong URL or token fails here, before any episode
         self.model = self.tokenizer = None
         self.mean, self.std = 0.0, 1.0
+        self.device = device
         if reward.model:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -97,14 +98,14 @@ class RewardScorer:
             path = resolve_model(reward.model, role="reward")
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=getattr(torch, dtype)).eval()
+                path, num_labels=1, dtype=getattr(torch, dtype)).eval().to(self.device)
             self.mean = float(getattr(self.model.config, "reward_mean", 0.0))
             self.std = float(getattr(self.model.config, "reward_std", 1.0)) or 1.0
         self.forward_batches = 0
 
     def describe(self) -> dict:
         return {"model": self.cfg.model, "function": self.cfg.function, "url": self.cfg.url,
-                "normalize": self.cfg.normalize, "clip": self.cfg.clip}
+                "normalize": self.cfg.normalize, "clip": self.cfg.clip, "device": self.device}
 
     def score(self, items: list[ScoreItem]) -> list[float]:
         """One float per item, in order."""
@@ -133,7 +134,8 @@ class RewardScorer:
         texts = [item.prompt + item.response for item in items]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            logits = sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).float()
+            logits = sequence_scores(self.model, enc["input_ids"].to(self.device),
+                                     enc["attention_mask"].to(self.device)).float().cpu()
         if self.cfg.normalize:
             logits = (logits - self.mean) / self.std
         return logits.tolist()
@@ -162,13 +164,20 @@ class MicroBatcher:
     def __init__(self, score_batch: Callable[[list], list[float]], wait_s: float = 0.005):
         self.score_batch, self.wait_s = score_batch, wait_s
         self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
         self.stats = {"requests": 0, "episodes": 0, "batches": 0}
+
+    def close(self) -> None:
+        """Stop the batching task (call from its event loop)."""
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
 
     def submit(self, items: list) -> Awaitable[list[float]]:
         loop = asyncio.get_running_loop()
         if self.queue is None:
             self.queue = asyncio.Queue()
-            loop.create_task(self._run())
+            self.task = loop.create_task(self._run())
         future = loop.create_future()
         self.queue.put_nowait((items, future))
         return future
@@ -205,12 +214,15 @@ class RewardServer(Worker):
 
     def __init__(self, reward: RewardConfig, dtype: str = "float32", name: str = "reward"):
         self.cfg, self.name = reward, name
-        self.scorer = RewardScorer(reward, dtype)
+        self.scorer = RewardScorer(reward, dtype, role_device())
         self.batcher = MicroBatcher(self.scorer.score)
 
     async def score(self, episodes: list[Episode]) -> list[float]:
         """Rewards for ``episodes``, one float each, in order."""
         return await self.batcher.submit([ScoreItem.of(e) for e in episodes])
+
+    async def shutdown(self) -> None:
+        self.batcher.close()
 
     def get_stats(self) -> dict:
         return {"requests": self.batcher.stats["requests"], "episodes": self.batcher.stats["episodes"],

@@ -30,7 +30,17 @@ class RolloutWorker(Worker):
                             kv_cache_gib=rollout.kv_cache_gib,
                             tensor_parallel_size=rollout.tensor_parallel_size,
                             gpu_memory_utilization=rollout.gpu_memory_utilization, seed=seed,
-                            worker_extension=EXTENSION)
+                            worker_extension=EXTENSION, enforce_eager=rollout.eager,
+                            max_num_seqs=rollout.max_num_seqs,
+                            enable_prefix_caching=rollout.enable_prefix_caching)
+        config = self.llm.llm_engine.vllm_config
+        self.engine_settings = {  # as the engine resolved them, for summary.json
+            "enforce_eager": config.model_config.enforce_eager,
+            "max_num_seqs": config.scheduler_config.max_num_seqs,
+            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+            "gpu_memory_utilization": config.cache_config.gpu_memory_utilization,
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "max_model_len": config.model_config.max_model_len}
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self.max_model_len = rollout.max_model_len
@@ -120,7 +130,7 @@ class RolloutWorker(Worker):
 
     def health(self) -> dict:
         return {**super().health(), "name": self.name, "version": self.version,
-                "model": self.model_path}
+                "model": self.model_path, "engine": self.engine_settings}
 
     def shutdown(self) -> None:
         from rlhf_ray.workers.engine import shutdown_llm

@@ -143,15 +143,20 @@ class WeightSender:
 class WeightSync:
     """Moves the learners' weights to every rollout worker and stamps them with a version."""
 
-    def __init__(self, learners, rollouts, method: str = "object_store", bucket_mb: int = 256,
+    def __init__(self, learners, rollouts, method: str = "auto", bucket_mb: int = 256,
                  backend: str = "auto"):
-        if method not in ("object_store", "broadcast"):
-            raise ValueError(f"weight sync method must be 'object_store' or 'broadcast', got {method!r}")
-        self.learners, self.rollouts, self.method = learners, rollouts, method
+        """``method``: ``auto`` is ``broadcast`` when both groups hold GPUs, else
+        ``object_store``. ``backend`` (broadcast only): ``auto`` is NCCL on GPUs, else gloo."""
+        if method not in ("auto", "object_store", "broadcast"):
+            raise ValueError(f"weight sync method must be 'auto', 'object_store' or 'broadcast', got {method!r}")
+        on_gpus = learners.resources.num_gpus > 0 and rollouts.resources.num_gpus > 0
+        self.learners, self.rollouts = learners, rollouts
+        self.method = ("broadcast" if on_gpus else "object_store") if method == "auto" else method
         self.bucket_bytes = bucket_mb << 20
-        self.backend = ("nccl" if torch.cuda.is_available() else "gloo") if backend == "auto" else backend
+        self.backend = ("nccl" if on_gpus else "gloo") if backend == "auto" else backend
         self._metadata: list[TensorMeta] | None = None
         self._group_size = 0
+        self._bytes: int | None = None  # of one full copy of the weights
 
     def _open(self) -> None:
         info = self.learners.get([self.learners.submit(0, "node_info")], [0], "node_info")[0]
@@ -182,5 +187,10 @@ class WeightSync:
                                                  self.bucket_bytes) for i in range(len(self.rollouts))]
             self.learners.get(learner_refs, list(range(len(self.learners))), "broadcast_weights")
             results = self.rollouts.get(rollout_refs, list(range(len(self.rollouts))), "receive_weights")
-        return {"perf/sync_s": time.perf_counter() - start, "sync/version": float(version),
+        seconds = time.perf_counter() - start
+        if self._bytes is None:
+            metadata = self._metadata or [m for m in self.learners.call("weights_metadata") if m][0]
+            self._bytes = sum(_numel(shape) * getattr(torch, dtype).itemsize for _, dtype, shape in metadata)
+        return {"perf/sync_s": seconds, "sync/version": float(version),
+                "perf/sync_gb_per_s": self._bytes * len(self.rollouts) / 1e9 / max(seconds, 1e-9),
                 "sync/tensors": float(results[0].get("sync/tensors", 0.0))}
