@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable
 
 from rlhf_ray.config import LearnerConfig, OptimConfig, RayConfig, RewardConfig, RolloutConfig
-from rlhf_ray.runtime import ray_session
+from rlhf_ray.runtime import check_resources, ray_session
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
 from rlhf_ray.workers.reference import ReferenceServer
@@ -65,6 +65,7 @@ class Roles:
         ``dtype`` when that is null)."""
         return self._start(RolloutWorker, "rollout", rollout.num_workers,
                            args=(model, rollout, rollout.dtype or dtype, seed),
+                           keys={"CPU": "rollout.cpus_per_worker", "GPU": "rollout.gpus_per_worker"},
                            resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
                                                      placement=rollout.placement))
 
@@ -77,7 +78,7 @@ class Roles:
                   cpus: float = 0.0) -> WorkerGroup:
         """One frozen ReferenceServer for per-token or summed reference log-probs."""
         return self._start(ReferenceServer, "reference", 1, args=(model, dtype, micro_batch_size),
-                           resources=WorkerResources(num_cpus=cpus))
+                           keys={"CPU": "reference_cpus"}, resources=WorkerResources(num_cpus=cpus))
 
     def learners(self, model: str, learner: LearnerConfig, optim: OptimConfig, dtype: str, *,
                  optimizer_steps: int | None, seed: int, model_kind: str = "causal_lm",
@@ -92,6 +93,7 @@ class Roles:
                             kwargs=dict(with_value=value_optim is not None, total_steps=optimizer_steps,
                                         seed=seed, value_model_path=value_model,
                                         value_optim=value_optim),
+                            keys={"CPU": "learner.cpus_per_worker", "GPU": "learner.gpus_per_worker"},
                             resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
                                                       placement=learner.placement))
         group.call("init")
@@ -99,12 +101,21 @@ class Roles:
 
     # ------------------------------------------------------------------ helpers
 
-    def _start(self, actor_cls: type, role: str, num_workers: int, **options) -> WorkerGroup:
+    def _start(self, actor_cls: type, role: str, num_workers: int,
+               keys: dict[str, str] | None = None, **options) -> WorkerGroup:
+        """``keys``: the config key of each resource the role reserves (for the error when a
+        private local Ray cannot hold the group)."""
         if not self._connected:
             self._session.enter_context(ray_session(self.ray, self.env))
             self._connected = True
             if self.on_connect is not None:
                 self.on_connect()
+        if self.ray.address == "local":
+            r = options.get("resources") or WorkerResources()
+            held = {"CPU": sum(g.resources.num_cpus * len(g) for g in self.groups),
+                    "GPU": sum(g.resources.num_gpus * len(g) for g in self.groups)}
+            check_resources(role, num_workers, {"CPU": r.num_cpus, "GPU": r.num_gpus}, held,
+                            keys or {})
         group = WorkerGroup(actor_cls, role, num_workers, timeout_s=self.ray.call_timeout_s,
                             start_timeout_s=self.ray.start_timeout_s, **options)
         self.groups.append(group)
