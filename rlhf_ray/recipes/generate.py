@@ -35,8 +35,9 @@ def run(cfg: GenerateConfig) -> dict:
         scoring = bool(cfg.reward.model or cfg.reward.function)
         # 2. workers
         with run.phase("start"):
-            rollouts = run.roles.rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+            # the reward first: a reward function that cannot load fails before vLLM starts
             reward = run.roles.reward(cfg.reward) if scoring else None
+            rollouts = run.roles.rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed)
         # 3-4. generate, score as each worker finishes
         with run.phase("generate"):
             episodes = _generate_and_score(cfg, prompts, rollouts, reward)
