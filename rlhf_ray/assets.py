@@ -75,7 +75,37 @@ def resolve_model(name_or_path: str, role: str = "model") -> str:
     if not (p / "config.json").is_file():
         raise AssetError(f"{role}: model path '{p}' has no config.json; "
                          "expected a Hugging Face model folder")
+    for weights in sorted(p.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise AssetError(f"{role}: model path '{p}': {weights.name} {problem}; expected a "
+                             "complete safetensors file (copy or export the model folder again)")
     return str(p)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (read from its header alone), or None.
+
+    The format is an 8-byte little-endian header length, a JSON header whose ``data_offsets``
+    say where each tensor ends, then the tensor bytes: a file shorter than its header says
+    was cut short (a copy or a download that stopped)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is truncated: {size} bytes, too short for a header"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"is truncated: {size} bytes, but its header alone needs {8 + n}"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+            return "has an unreadable header (not a safetensors file)"
+    if 8 + n + end > size:
+        return f"is truncated: {size} bytes, but its header says {8 + n + end}"
+    return None
 
 
 # --------------------------------------------------------------------------- the GGUF

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from rlhf_ray.config_loader import ConfigError, to_dict
+from rlhf_ray.errors import UserError
 from rlhf_ray.files import write_json_atomic
 
 STATE_FILE = "state.json"
@@ -41,6 +42,10 @@ PREFIX = "step_"
 RESUMABLE_KEYS = ("resume", "max_steps", "epochs", "eval_every", "max_eval_rows", "checkpoint",
                   "logging", "ray", "learner.cpus_per_worker", "learner.gpus_per_worker",
                   "learner.micro_batch_size")
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint could not be written, or one on disk cannot be resumed; names the folder."""
 
 
 @dataclasses.dataclass
@@ -86,17 +91,39 @@ def save(learners: Any, run_dir: str | Path, state: JobState, keep_last: int) ->
         shutil.rmtree(path)  # an interrupted save of the same step
     for unfinished in set(checkpoints_dir(run_dir).glob(f"{PREFIX}*")) - set(complete_checkpoints(run_dir)):
         shutil.rmtree(unfinished, ignore_errors=True)  # saves a kill interrupted
-    path.mkdir(parents=True)
-    learners.call("save_checkpoint", str(path), "state", {"step": state.step})
-    write_json_atomic(path / STATE_FILE, dataclasses.asdict(state))
+    previous = latest(run_dir)
+    try:
+        path.mkdir(parents=True)
+        learners.call("save_checkpoint", str(path), "state", {"step": state.step})
+        write_json_atomic(path / STATE_FILE, dataclasses.asdict(state))
+    except OSError as e:  # a full disk, a quota: the previous checkpoint is untouched
+        shutil.rmtree(path, ignore_errors=True)
+        kept = (f"the previous checkpoint {previous} is intact; resume=auto continues from it"
+                if previous else "no earlier checkpoint exists")
+        what = f"writing {e.filename} failed" if e.filename else "the save failed"
+        raise CheckpointError(f"checkpoint {path}: {what} ({e.strerror or e}); expected free "
+                              f"space in {checkpoints_dir(run_dir)}; {kept}") from None
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def read_state(path: Path) -> JobState:
-    """The driver's job state stored in checkpoint ``path``."""
-    return JobState(**json.loads((path / STATE_FILE).read_text()))
+    """The driver's job state stored in checkpoint ``path``; a :class:`CheckpointError` that
+    names the file when it is unreadable or the learners' part of the folder is missing."""
+    file = path / STATE_FILE
+    advice = f"delete {path} to resume from the checkpoint before it, or start a new run_dir"
+    try:
+        state = JobState(**json.loads(file.read_text()))
+        if not isinstance(state.step, int) or state.step < 0:
+            raise TypeError(f"step is {state.step!r}")
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {file} cannot be read ({type(e).__name__}: {e}); "
+                              f"expected the job state a finished save writes; {advice}") from None
+    if not (path / "policy").is_dir():
+        raise CheckpointError(f"checkpoint {path} has {STATE_FILE} but no policy/ folder; expected "
+                              f"the learners' weights and optimizer state there; {advice}")
+    return state
 
 
 def restore(learners: Any, path: Path) -> JobState:

@@ -133,8 +133,18 @@ def cmd_scale(args: argparse.Namespace) -> int:
     import ray
 
     from rlhf_ray.driver.scaling import set_rollout_workers
+    from rlhf_ray.runtime import check_address
 
-    ray.init(address=args.address, log_to_driver=False)
+    if args.rollout < 1:  # refused before touching any cluster
+        print(f"error: scale --rollout {args.rollout}: expected at least 1 rollout worker "
+              "(a running job always keeps one)", file=sys.stderr)
+        return 2
+    check_address(args.address, key="scale --address")
+    try:
+        ray.init(address=args.address, log_to_driver=False)
+    except ConnectionError as e:
+        raise UserError(f"scale --address {args.address}: {e}; expected the address of the "
+                        "running job's cluster") from None
     try:
         n = set_rollout_workers(args.run, args.rollout)
     except ValueError as e:

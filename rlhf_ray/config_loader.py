@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from rlhf_ray.errors import UserError
-from rlhf_ray.files import write_atomic
+from rlhf_ray.files import writable_dir, write_atomic
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -224,6 +224,5 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
 
 def save_config(cfg: Any, run_dir: str | Path) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = writable_dir(run_dir, "run_dir")
     return write_atomic(run_dir / "config.yaml", to_yaml(cfg))

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rlhf_ray.errors import UserError
+
 
 def write_atomic(path: str | Path, text: str) -> Path:
     """Replace ``path`` with ``text`` in one rename; returns the path."""
@@ -39,3 +41,22 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
     """One JSON object per line (UTF-8 kept as is)."""
     return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=float) + "\n"
                                       for r in rows))
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create folder ``path`` (and its parents) and prove it takes a file; ``what`` names it
+    in the error (``run_dir``). A parent that is a file, a read-only file system or a full disk
+    is a :class:`UserError` naming the path, not a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else \
+            (e.strerror or type(e).__name__)
+        raise UserError(f"{what} {path}: cannot write there ({why}); expected a folder this "
+                        f"user can create and write") from None
+    return path

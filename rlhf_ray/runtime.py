@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 
 from rlhf_ray.config import RayConfig
+from rlhf_ray.errors import UserError
 
 # Set for every worker process; each value can be overridden by the user's environment.
 WORKER_ENV = {
@@ -32,6 +34,55 @@ def worker_env(kv_cache_gib: int | None = None) -> dict[str, str]:
     return env
 
 
+class ClusterError(UserError, RuntimeError):
+    """The Ray cluster cannot be reached, or cannot hold the workers a run asks for."""
+
+
+def check_address(address: str, key: str = "ray.address", timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the address, when nothing listens there (``ray.init`` would
+    retry for minutes). ``local`` and ``auto`` are left to Ray."""
+    if address in ("local", "auto"):
+        return
+    expected = ("expected 'local', 'auto', the GCS address of a running head (host:6379) "
+                "or ray://host:10001")
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ClusterError(f"{key}={address!r} is not an address; {expected}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise ClusterError(f"{key}={address}: no Ray head answers there ({why}, waited up to "
+                           f"{timeout_s:.0f} s); {expected} (is `ray start --head` running?)") from None
+
+
+def check_resources(role: str, num_workers: int, per_worker: dict[str, float],
+                    held: dict[str, float], keys: dict[str, str]) -> None:
+    """On a private local Ray (all of it this run's, nothing to autoscale): refuse a group
+    that can never be placed, instead of waiting ``ray.start_timeout_s`` for it.
+
+    ``per_worker``: {"CPU": ..., "GPU": ...} each worker reserves; ``held``: what this run's
+    running groups already reserve; ``keys``: the config key of each resource, for the message.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    for kind, each in per_worker.items():
+        need = each * num_workers
+        if need <= 0:
+            continue
+        have, busy = float(total.get(kind, 0.0)), held.get(kind, 0.0)
+        if need + busy > have + 1e-9:
+            already = f", {busy:g} of them already held by this run's other workers" if busy else ""
+            raise ClusterError(
+                f"{role}: {num_workers} worker(s) x {each:g} {kind} ({keys.get(kind, kind)}) = "
+                f"{need:g} {kind}, but the local Ray has {have:g} {kind} in all{already}; "
+                f"expected at most {max(have - busy, 0):g} (lower {keys.get(kind, kind)}"
+                + (", or raise ray.num_cpus)" if kind == "CPU" else ", or run where GPUs are)"))
+
+
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig, env: dict[str, str] | None = None):
     """Connect to (or start) Ray for the duration of a recipe; shut a private one down after."""
@@ -46,6 +97,7 @@ def ray_session(cfg: RayConfig, env: dict[str, str] | None = None):
                      object_store_memory=cfg.object_store_mb << 20, runtime_env=runtime_env,
                      log_to_driver=cfg.log_to_driver)
         else:
+            check_address(cfg.address)
             # Inside a submitted job the job's runtime env (the same variables) is merged in.
             os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
             ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=cfg.log_to_driver)

@@ -13,15 +13,29 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf_ray.errors import UserError
 from rlhf_ray.runtime import worker_env
+
+
+def connect(address: str):
+    """A job client for the dashboard at ``address``; a :class:`UserError` naming the URL
+    when nothing answers there."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, ValueError) as e:
+        raise UserError(f"submit --address {address}: no Ray dashboard answers there ({e}); "
+                        "expected the HTTP address of a running cluster's dashboard, e.g. "
+                        "http://HEAD:8265 (is the head up, and its dashboard included?)") from None
 
 
 def submit(address: str, recipe: str, items: list[str], python: str | None = None,
            working_dir: str | None = None, wait: bool = False, timeout_s: float = 3600) -> tuple[str, str]:
     """Submit and return (job id, final status or 'SUBMITTED')."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(address)
+    client = connect(address)
     if items and "=" not in items[0]:  # the config file, wherever the job's driver starts
         items = [str(Path(items[0]).resolve()), *items[1:]]
     entrypoint = " ".join([shlex.quote(python or sys.executable), "-m", "rlhf_ray.cli", recipe,
@@ -62,6 +76,4 @@ def _submit_with_retry(client, entrypoint: str, runtime_env: dict, patience_s: f
 
 
 def job_logs(address: str, job_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address).get_job_logs(job_id)
+    return connect(address).get_job_logs(job_id)

@@ -114,8 +114,12 @@ def load_rows(config: Any, split: str = "train", tokenizer: Any = None) -> Loade
         rows = check_lengths(rows, report, tokenizer, config.template, config.max_length,
                              config.skip_invalid)
     if not rows:
+        first = f"; the first dropped: {report.issues[0].describe()}" if report.issues else ""
         raise DataError(config.source, f"has no valid rows left ({report.total} read, "
-                                       f"{report.dropped} invalid)")
+                                       f"{report.dropped} dropped: {report.duplicates} duplicates, "
+                                       f"{report.too_long} longer than data.max_length="
+                                       f"{config.max_length}, {report.dropped - report.duplicates - report.too_long} "
+                                       f"invalid){first}; expected at least one row")
     return LoadedData(split_rows(rows, config.heldout_fraction, config.seed, split), info, report, split)
 
 

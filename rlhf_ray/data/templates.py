@@ -74,8 +74,10 @@ def chat_prompt(messages: Sequence[Message], tokenizer: Any) -> str:
     if tokenizer is None:
         raise ValueError("template 'chat' needs a tokenizer")
     if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "the tokenizer")
-        raise ValueError(f"{name} has no chat template; use template 'alpaca'")
+        name = getattr(tokenizer, "name_or_path", "") or "?"
+        raise ValueError(f"data.template=chat, but the tokenizer in {name} has no chat template "
+                         "(expected 'chat_template' in its tokenizer_config.json or a "
+                         "chat_template.jinja); use data.template=alpaca")
     return tokenizer.apply_chat_template([m.to_dict() for m in messages], tokenize=False,
                                          add_generation_prompt=True)
 

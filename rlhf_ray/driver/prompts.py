@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rlhf_ray.config import DataConfig
 from rlhf_ray.data import DataError, load_rows, tokenize_prompts
+from rlhf_ray.data.formats import PROMPT_FIELD, format_of
 from rlhf_ray.data.templates import prompt_messages
 
 
@@ -27,11 +28,24 @@ def load_prompts(data: DataConfig, tokenizer, max_model_len: int, split: str) ->
         raise DataError(data.source, f"the {split} split is empty (data.num_rows={data.num_rows}, "
                                      f"data.heldout_fraction={data.heldout_fraction})")
     by_row = {r.row: r for r in rows}
-    examples, _ = tokenize_prompts(rows, tokenizer, max_model_len - 1, data.truncation, data.template)
+    examples, stats = tokenize_prompts(rows, tokenizer, max_model_len - 1, data.truncation, data.template)
+    if stats.dropped and not data.skip_invalid:
+        _too_long(data, rows, {e.row for e in examples}, tokenizer, max_model_len)
     if not examples:
         raise DataError(data.source, f"no {split} prompts fit rollout.max_model_len={max_model_len}")
     return [Prompt(e.prompt_ids, e.answer, i, e.text, raw_prompt(by_row[e.row]))
             for i, e in enumerate(examples)]
+
+
+def _too_long(data: DataConfig, rows: list, kept: set[int], tokenizer, max_model_len: int) -> None:
+    """A prompt that leaves vLLM no room to answer is an error, like one over data.max_length."""
+    row = next(r for r in rows if r.row not in kept)
+    (example,), _ = tokenize_prompts([row], tokenizer, 1 << 30, "drop", data.template)
+    raise DataError(data.source, f"is too long: the prompt has {len(example.prompt_ids)} tokens with "
+                                 f"template '{data.template}' (expected fewer than "
+                                 f"rollout.max_model_len - 1 = {max_model_len - 1}); raise "
+                                 "rollout.max_model_len, or set data.truncation=truncate or "
+                                 "data.skip_invalid=true", row=row.row, field=PROMPT_FIELD[format_of(row)])
 
 
 def raw_prompt(row) -> object:

@@ -23,7 +23,7 @@ from rlhf_ray.config import (
     RewardConfig,
     RolloutConfig,
 )
-from rlhf_ray.runtime import ray_session
+from rlhf_ray.runtime import check_resources, ray_session
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
 from rlhf_ray.workers.reference import ReferenceServer
@@ -75,6 +75,7 @@ class Roles:
         ``dtype`` when that is null)."""
         group = self._start(RolloutWorker, "rollout", rollout.num_workers,
                             args=(model, rollout, rollout.dtype or dtype, seed),
+                            keys={"CPU": "rollout.cpus_per_worker", "GPU": "rollout.gpus_per_worker"},
                             resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
                                                       custom=dict(rollout.resources),
                                                       placement=rollout.placement))
@@ -86,6 +87,7 @@ class Roles:
         endpoint, or a sum of them), each placed by the ``reward`` section."""
         return self._start(RewardServer, "reward", reward.num_replicas,
                            args=(reward, reward.dtype or "float32"),
+                           keys={"CPU": "reward.cpus_per_replica", "GPU": "reward.gpus_per_replica"},
                            resources=WorkerResources(reward.cpus_per_replica, reward.gpus_per_replica,
                                                      custom=dict(reward.resources)))
 
@@ -95,6 +97,7 @@ class Roles:
         reference = reference or ReferenceConfig()
         return self._start(ReferenceServer, "reference", reference.num_replicas,
                            args=(model, reference.dtype or dtype, reference.micro_batch_size),
+                           keys={"CPU": "reference.cpus_per_replica", "GPU": "reference.gpus_per_replica"},
                            resources=WorkerResources(reference.cpus_per_replica, reference.gpus_per_replica,
                                                      custom=dict(reference.resources)))
 
@@ -111,6 +114,7 @@ class Roles:
                             kwargs=dict(with_value=value_optim is not None, total_steps=optimizer_steps,
                                         seed=seed, value_model_path=value_model,
                                         value_optim=value_optim),
+                            keys={"CPU": "learner.cpus_per_worker", "GPU": "learner.gpus_per_worker"},
                             resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
                                                       custom=dict(learner.resources),
                                                       placement=learner.placement))
@@ -119,12 +123,21 @@ class Roles:
 
     # ------------------------------------------------------------------ helpers
 
-    def _start(self, actor_cls: type, role: str, num_workers: int, **options) -> WorkerGroup:
+    def _start(self, actor_cls: type, role: str, num_workers: int,
+               keys: dict[str, str] | None = None, **options) -> WorkerGroup:
+        """``keys``: the config key of each resource the role reserves (for the error when a
+        private local Ray cannot hold the group)."""
         if not self._connected:
             self._session.enter_context(ray_session(self.ray, self.env))
             self._connected = True
             if self.on_connect is not None:
                 self.on_connect()
+        if self.ray.address == "local":
+            r = options.get("resources") or WorkerResources()
+            held = {"CPU": sum(g.resources.num_cpus * len(g) for g in self.groups),
+                    "GPU": sum(g.resources.num_gpus * len(g) for g in self.groups)}
+            check_resources(role, num_workers, {"CPU": r.num_cpus, "GPU": r.num_gpus}, held,
+                            keys or {})
         group = WorkerGroup(actor_cls, role, num_workers, timeout_s=self.ray.call_timeout_s,
                             start_timeout_s=self.ray.start_timeout_s, **options)
         self.groups.append(group)

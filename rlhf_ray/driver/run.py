@@ -81,7 +81,9 @@ class Run:
         self._catch_sigterm()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is SystemExit and getattr(exc, "code", None) == 143:
+            self._report_sigterm()
         try:
             self.roles.shutdown()
         finally:
@@ -102,6 +104,13 @@ class Run:
         if self.resume_state.data_fingerprint != self.data_fingerprint:
             raise ConfigError(f"resume=auto: the training data differ from those {self.resume_from} "
                               f"was trained on (data.source={self.cfg.data.source}); use a new run_dir")
+
+    def _report_sigterm(self) -> None:
+        """Tell the user what a stop left behind: the checkpoint a resume continues from."""
+        last = checkpoint.latest(self.run_dir) if self.resumable is not None else None
+        kept = (f"the newest complete checkpoint, {last}, is kept: resume=auto continues from it"
+                if last else "no checkpoint to resume from")
+        print(f"error: {self.recipe} stopped by SIGTERM (exit 143); {kept}", file=sys.stderr, flush=True)
 
     def _catch_sigterm(self) -> None:
         """SIGTERM (a job stop, a scheduler) unwinds like an error, so ``__exit__`` runs and

@@ -36,8 +36,8 @@ def run(cfg: PrefsConfig) -> dict:
         policy_path = resolve_model(cfg.model.path, role="policy")
         prompts = load_prompts(cfg.data, load_tokenizer(policy_path), cfg.rollout.max_model_len, cfg.split)
         with run.phase("start"):
+            reward = run.roles.reward(cfg.reward)  # first: a broken judge fails before vLLM starts
             rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
-            reward = run.roles.reward(cfg.reward)
         # 1-2. candidates, scored
         with run.phase("generate"):
             episodes = generate_all(rollouts, prompts, cfg.sampling)

@@ -89,7 +89,7 @@ def fake_checkpoint(cfg, step: int = 1, data_fingerprint: str = "0" * 16) -> Non
     """A run folder as a previous run would leave it (config + a complete checkpoint)."""
     save_config(cfg, cfg.run_dir)
     path = checkpoint.step_dir(cfg.run_dir, step)
-    path.mkdir(parents=True)
+    (path / "policy").mkdir(parents=True)  # where the learners' DeepSpeed state would be
     state = checkpoint.JobState(step=step, epoch=0, data_fingerprint=data_fingerprint)
     (path / checkpoint.STATE_FILE).write_text(json.dumps(state.__dict__))
 
