@@ -114,19 +114,34 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from rlhf_ray.submit import job_logs, submit
+    from rlhf_ray import jobs
+    from rlhf_ray.submit import build_runtime_env, entrypoint, load_runtime_env, submit
 
+    if args.wait:
+        print("note: --wait is the default now and will be removed", file=sys.stderr)
     if args.recipe not in _recipes():
         print(f"error: unknown recipe '{args.recipe}'; choices: {', '.join(_recipes())}", file=sys.stderr)
         return 2
     yaml_path, overrides = _split_config_args(args.items)
     build_config(_recipes()[args.recipe], yaml_path, overrides)  # fail here, not on the cluster
-    job_id, status = submit(args.address, args.recipe, args.items, args.python, args.working_dir,
-                            args.wait)
-    print(f"job {job_id}: {status}")
-    if args.wait:
-        print(job_logs(args.address, job_id))
-    return 0 if status in ("SUBMITTED", "SUCCEEDED") else 1
+    user_env = load_runtime_env(args.runtime_env) if args.runtime_env else None
+    runtime_env = build_runtime_env(user_env, args.working_dir,
+                                    f"runtime env file {args.runtime_env}" if user_env else "--working-dir")
+    address = args.address or jobs.default_address()
+    client = jobs.connect(address)
+    job_id = submit(client, address, entrypoint(args.recipe, args.items, args.python), runtime_env)
+    if args.no_wait:
+        print(job_id)
+        print(f"submitted to {address}; `rlhf-ray jobs logs --follow {job_id}` follows it", file=sys.stderr)
+        return 0
+    return jobs.follow_command(client, address, job_id)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rlhf_ray.jobs import jobs_main
+
+    return jobs_main(args.jobs_command, args.address, getattr(args, "job_id", None),
+                     getattr(args, "follow", False), getattr(args, "timeout", 30.0))
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
@@ -193,14 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--template", choices=["alpaca", "chat"], default="alpaca")
     q.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("submit", help="run a recipe as a job on a Ray cluster")
-    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    p = sub.add_parser("submit", help="run a recipe as a job on a Ray cluster; follows its logs")
+    p.add_argument("--address", help="the cluster's dashboard (default: $RAY_ADDRESS, else "
+                   "http://127.0.0.1:8265)")
     p.add_argument("--python", help="Python on the cluster nodes (default: this one)")
     p.add_argument("--working-dir", help="upload this folder as the job's working directory")
-    p.add_argument("--wait", action="store_true", help="wait for the job and print its logs")
+    p.add_argument("--runtime-env", metavar="FILE", help="YAML/JSON runtime env (working_dir, pip, "
+                   "env_vars, ...); its env_vars win over the project's")
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    wait.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # the default; deprecated
     p.add_argument("recipe")
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value]")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, follow and stop Ray jobs")
+    p.add_argument("--address", help="the cluster's dashboard (default: $RAY_ADDRESS, else "
+                   "http://127.0.0.1:8265)")
+    jsub = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    jsub.add_parser("list", help="every submitted job: id, status, start time, entrypoint")
+    for action, text in (("status", "status and message; exit 1 if FAILED or STOPPED"),
+                         ("logs", "the job's output"), ("stop", "stop a job and wait for it to end")):
+        q = jsub.add_parser(action, help=text)
+        q.add_argument("job_id", metavar="ID")
+    q = jsub.choices["logs"]
+    q.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    q = jsub.choices["stop"]
+    q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to end")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("scale", help="resize a running job's rollout workers")
     p.add_argument("--address", default="auto", help="the job's Ray cluster (GCS address or 'auto')")

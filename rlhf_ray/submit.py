@@ -4,10 +4,15 @@
 
 The entrypoint is this project's CLI under the cluster's Python (``--python``, default: the
 one running this command), with ``ray.address=auto`` so the recipe joins the cluster.
+
+The job's runtime environment is the worker environment this project always sets
+(``runtime.worker_env()``), merged with the user's ``--runtime-env FILE`` (YAML or JSON; the
+file wins on a conflicting variable) and ``--working-dir`` (which wins over the file's).
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -16,45 +21,79 @@ from pathlib import Path
 from rlhf_ray.errors import UserError
 from rlhf_ray.runtime import worker_env
 
+# Ray's own spellings of the options it accepts (ray.runtime_env.RuntimeEnv); any other key is
+# taken by Ray for a plugin and fails only when the job's environment is set up on the cluster.
+RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "py_executable", "excludes", "pip", "uv", "conda",
+                    "container", "image_uri", "env_vars", "config", "worker_process_setup_hook",
+                    "java_jars", "nsight", "rocprof_sys")
 
-def connect(address: str):
-    """A job client for the dashboard at ``address``; a :class:`UserError` naming the URL
-    when nothing answers there."""
-    from ray.job_submission import JobSubmissionClient
 
+def load_runtime_env(path: str | Path) -> dict:
+    """Read and check a runtime-env file: a mapping of Ray's runtime-env keys."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"runtime env file {p} does not exist")
+    text = p.read_text()
     try:
-        return JobSubmissionClient(address)
-    except (ConnectionError, ValueError) as e:
-        raise UserError(f"submit --address {address}: no Ray dashboard answers there ({e}); "
-                        "expected the HTTP address of a running cluster's dashboard, e.g. "
-                        "http://HEAD:8265 (is the head up, and its dashboard included?)") from None
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"runtime env file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                        f"{' '.join(str(e).split())}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"runtime env file {p} must hold a mapping (working_dir:, pip:, env_vars:, ...), "
+                        f"not a {type(data).__name__}")
+    for key in data:
+        if key not in RUNTIME_ENV_KEYS:
+            raise UserError(f"runtime env file {p}: unknown key '{key}'; Ray knows "
+                            f"{', '.join(RUNTIME_ENV_KEYS)}")
+    env_vars = data.get("env_vars", {})
+    if not isinstance(env_vars, dict):
+        raise UserError(f"runtime env file {p}: env_vars must be a mapping of NAME: \"value\"")
+    for name, value in env_vars.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise UserError(f"runtime env file {p}: env_vars.{name} must be a string; quote it "
+                            f"({name}: \"{value}\")")
+    return data
 
 
-def submit(address: str, recipe: str, items: list[str], python: str | None = None,
-           working_dir: str | None = None, wait: bool = False, timeout_s: float = 3600) -> tuple[str, str]:
-    """Submit and return (job id, final status or 'SUBMITTED')."""
-    from ray.job_submission import JobStatus
+def build_runtime_env(user: dict | None = None, working_dir: str | None = None,
+                      source: str = "the runtime env") -> dict:
+    """The job's runtime env: ``worker_env()`` under the user's env_vars, then ``working_dir``."""
+    from ray.runtime_env import RuntimeEnv
 
-    client = connect(address)
-    if items and "=" not in items[0]:  # the config file, wherever the job's driver starts
-        items = [str(Path(items[0]).resolve()), *items[1:]]
-    entrypoint = " ".join([shlex.quote(python or sys.executable), "-m", "rlhf_ray.cli", recipe,
-                           *map(shlex.quote, items), "ray.address=auto"])
-    runtime_env: dict = {"env_vars": worker_env()}
+    user = dict(user or {})
+    runtime_env = {**user, "env_vars": {**worker_env(), **user.get("env_vars", {})}}
     if working_dir:
         runtime_env["working_dir"] = working_dir
-    job_id = _submit_with_retry(client, entrypoint, runtime_env)
-    if not wait:
-        return job_id, "SUBMITTED"
-    deadline = time.time() + timeout_s
-    status = client.get_job_status(job_id)
-    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
-        time.sleep(1.0)
-        status = client.get_job_status(job_id)
-    return job_id, str(status.value if hasattr(status, "value") else status)
+    try:
+        RuntimeEnv(**runtime_env)  # Ray's own checks of each option (types, pip/conda exclusion)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: {' '.join(str(e).split())}") from None
+    return runtime_env
 
 
-def _submit_with_retry(client, entrypoint: str, runtime_env: dict, patience_s: float = 60.0) -> str:
+def entrypoint(recipe: str, items: list[str], python: str | None = None) -> str:
+    """The job's command: this CLI under ``python`` with ``ray.address=auto``."""
+    if items and "=" not in items[0]:  # the config file, wherever the job's driver starts
+        items = [str(Path(items[0]).resolve()), *items[1:]]
+    return " ".join([shlex.quote(python or sys.executable), "-m", "rlhf_ray.cli", recipe,
+                     *map(shlex.quote, items), "ray.address=auto"])
+
+
+def submit(client, address: str, command: str, runtime_env: dict) -> str:
+    """Submit ``command`` and return the job id."""
+    from rlhf_ray.jobs import cluster_errors
+
+    with cluster_errors(address):
+        return _submit_with_retry(client, address, command, runtime_env)
+
+
+def _submit_with_retry(client, address: str, entrypoint: str, runtime_env: dict,
+                       patience_s: float = 60.0) -> str:
     """Submit, waiting out the head's job agent while it is still starting.
 
     A freshly started head answers "No available agent to submit job" until its job agent is up;
@@ -68,12 +107,8 @@ def _submit_with_retry(client, entrypoint: str, runtime_env: dict, patience_s: f
             if "No available agent" not in str(e):
                 raise
             if time.time() > deadline:
-                raise RuntimeError(f"{e}\nThe head's job agent did not come up in {patience_s:.0f} s. "
-                                   "Is its port free? Another Ray on the same machine holds the "
-                                   "default 52365; start the head with --dashboard-agent-listen-port."
-                                   ) from None
+                raise UserError(f"the job agent of {address} did not come up in "
+                                f"{patience_s:.0f} s. Is its port free? Another Ray on the same machine "
+                                "holds the default 52365; start the head with "
+                                "--dashboard-agent-listen-port.") from None
             time.sleep(2.0)
-
-
-def job_logs(address: str, job_id: str) -> str:
-    return connect(address).get_job_logs(job_id)

@@ -289,8 +289,8 @@ def test_scale_against_an_unreachable_cluster(capsys):
 def test_submit_to_a_wrong_address(capsys):
     code, message = run_cli(capsys, "submit", "--address", "http://127.0.0.1:1", "generate",
                             CONFIGS / "generate_tiny.yaml")
-    expect(code, message, "submit --address http://127.0.0.1:1: no Ray dashboard answers there",
-           "expected the HTTP address of a running cluster's dashboard", exit_code=1)
+    expect(code, message, "cannot reach the Ray dashboard at http://127.0.0.1:1",
+           "is this its dashboard address (port 8265 by default)", exit_code=1)
 
 
 def test_unreachable_ray_address_fails_fast(tmp_path):

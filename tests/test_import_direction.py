@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "math": ("batch", "losses", "loss_terms", "advantages", "experience", "models"),
     "workers": ("workers", "runtime"),
     "recipes": ("driver", "recipes", "checkpoint", "metrics", "plots", "report"),
-    "cli": ("cli", "submit", "__main__"),
+    "cli": ("cli", "submit", "jobs", "__main__"),
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
