@@ -352,9 +352,11 @@ def test_reward_function_not_importable_in_the_worker(capsys, ray_local, tmp_pat
 
 @pytest.mark.parametrize("function,needles", [
     ("reward_fns:always_raises", ["raised ValueError: this reward function is broken on purpose"]),
-    ("reward_fns:returns_nan", ["returned nan"]),
+    ("reward_fns:returns_nan", ["returned nan (expected a finite float)"]),
     ("reward_fns:returns_text", ["returned 'great' (expected a float)"]),
-], ids=["raises", "nan", "string"])
+    ("reward_fns:returns_numeric_text", ["returned '0.5' (expected a float)"]),
+    ("reward_fns:returns_bool", ["returned True (expected a float)"]),
+], ids=["raises", "nan", "string", "numeric-string", "bool"])
 def test_reward_function_that_misbehaves_names_worker_function_and_episode(
         capsys, ray_local, tmp_path, function, needles):
     kept = previous_episodes(tmp_path)

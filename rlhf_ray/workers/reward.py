@@ -47,7 +47,9 @@ def load_reward_function(spec: str) -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardError(f"reward.function '{spec}': cannot import module '{module_name}': {e}") from e
+        raise RewardError(f"reward.function '{spec}': cannot import module '{module_name}': {e} "
+                          "(expected a module importable on every reward worker: install it, or "
+                          "ship it with the job's working_dir / PYTHONPATH)") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise RewardError(f"reward.function '{spec}': module '{module_name}' has no function '{fn_name}'")
@@ -146,13 +148,13 @@ class RewardScorer:
         except Exception as exc:
             raise RewardError(f"reward function '{self.cfg.function}' raised "
                               f"{type(exc).__name__}: {exc} on {item.where}") from exc
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
             raise RewardError(f"reward function '{self.cfg.function}' returned {value!r} "
-                              f"(expected a float) on {item.where}") from None
+                              f"(expected a float) on {item.where}")
+        value = float(value)  # ints, floats, numpy and torch scalars; never strings or bools
         if not math.isfinite(value):
-            raise RewardError(f"reward function '{self.cfg.function}' returned {value} on {item.where}")
+            raise RewardError(f"reward function '{self.cfg.function}' returned {value} "
+                              f"(expected a finite float) on {item.where}")
         return value
 
 

@@ -18,3 +18,11 @@ def returns_nan(prompt: str, response: str, answer) -> float:
 
 def returns_text(prompt: str, response: str, answer) -> float:
     return "great"  # type: ignore[return-value]  # a verdict where a number belongs
+
+
+def returns_numeric_text(prompt: str, response: str, answer) -> float:
+    return "0.5"  # type: ignore[return-value]  # a number as text is still not a number
+
+
+def returns_bool(prompt: str, response: str, answer) -> float:
+    return True  # type: ignore[return-value]  # a verdict, not a score
