@@ -52,8 +52,18 @@ class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = option("offline", "W&B mode: offline writes a local run folder; online needs WANDB_API_KEY.")
     project: str = option("rlhf-ray", "W&B project name.")
     run_name: str | None = option(None, "W&B run name (null: the run folder's name).")
+    group: str | None = option(None, "W&B group (e.g. one sweep or one pipeline; null: none).")
+    tags: list[str] = option([], "W&B tags.")
+    system_metrics: bool = option(True, "W&B system metrics (CPU, memory, GPU) of the driver's machine.")
     log_every: int = option(1, "Log metrics every N steps.")
+    samples_every: int = option(0, "Every N steps, log a table of sample episodes (prompt, response, reward, KL, version) to W&B and samples.jsonl (0: never).")
+    samples_per_table: int = option(8, "Episodes in each samples table.")
     progress_bar: bool = option(True, "Show a progress bar on the console.")
+
+    def validate(self) -> None:
+        if self.log_every < 1 or self.samples_every < 0 or self.samples_per_table < 1:
+            raise ConfigError(f"logging: expected log_every >= 1, samples_every >= 0 and samples_per_table >= 1, "
+                              f"got {self.log_every}, {self.samples_every} and {self.samples_per_table}")
 
 
 @dataclass

@@ -52,9 +52,11 @@ class RunLogger:
                 run_id = secrets.token_hex(4)
                 write_atomic(id_file, run_id + "\n")
             self.wandb = wandb.init(project=cfg.project, name=cfg.run_name or self.run_dir.name,
+                                    group=cfg.group, tags=list(cfg.tags) or None,
                                     dir=str(self.run_dir), mode=cfg.wandb_mode, config=config,
                                     job_type=recipe, reinit="finish_previous", id=run_id,
-                                    resume="allow")
+                                    resume="allow",
+                                    settings=wandb.Settings(x_disable_stats=not cfg.system_metrics))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key in metrics:
@@ -70,6 +72,22 @@ class RunLogger:
                 self.final[key] = value
         if self.wandb is not None and step % max(self.cfg.log_every, 1) == 0:
             self.wandb.log(metrics, step=step)
+
+    SAMPLE_COLUMNS = ("step", "prompt", "response", "reward", "kl", "version")
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """A table of sample episodes (``SAMPLE_COLUMNS``): appended to ``samples.jsonl``
+        and logged to W&B as ``samples/episodes`` at ``step``."""
+        rows = [{"step": step, **{k: r[k] for k in self.SAMPLE_COLUMNS[1:]}} for r in rows]
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=list(self.SAMPLE_COLUMNS),
+                                data=[[r[c] for c in self.SAMPLE_COLUMNS] for r in rows])
+            self.wandb.log({"samples/episodes": table}, step=step)
 
     def restore(self, history: list, first: dict[str, float], final: dict[str, float]) -> None:
         """A resumed run: take back the history logged before the checkpoint."""

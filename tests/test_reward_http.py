@@ -133,7 +133,8 @@ def test_requests_that_arrive_together_share_a_batch(open_server):
         t.join()
     after = http("GET", url + "/info")[1]
     assert [r[0] for r in replies] == [200] * 16
-    assert len({json.dumps(r[1]) for r in replies}) == 1  # the same score for the same episode
+    scores = [r[1]["scores"][0] for r in replies]  # the same episode scores the same in any batch
+    assert max(scores) - min(scores) < 1e-5  # (up to float rounding of batched matmuls)
     assert after["requests"] - before["requests"] == 16
     assert after["batches"] - before["batches"] < 16
 

@@ -62,6 +62,18 @@ def preference_row(best: Episode, worst: Episode, prompt: Prompt) -> dict:
             "chosen_score": best.score, "rejected_score": worst.score}
 
 
+def sample_rows(episodes: list[Episode], k: int) -> list[dict]:
+    """The first ``k`` episodes as table rows: prompt, response, reward, the sampled
+    sequence's KL to the reference (sum over its tokens of log pi_sample - log pi_ref) and
+    the policy version that wrote it."""
+    rows = []
+    for e in episodes[:k]:
+        kl = sum(a - b for a, b in zip(e.logprobs, e.ref_logprobs)) if e.ref_logprobs else float("nan")
+        rows.append({"prompt": e.prompt_text, "response": e.response_text, "reward": float(e.score),
+                     "kl": float(kl), "version": e.policy_version})
+    return rows
+
+
 def rollout_metrics(episodes: list[Episode], version: int) -> dict[str, float]:
     """Reward, length, truncation and staleness of a batch of episodes trained at ``version``."""
     scores = torch.tensor([e.score for e in episodes], dtype=torch.float32)

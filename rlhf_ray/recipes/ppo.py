@@ -47,7 +47,7 @@ from rlhf_ray.config import KLConfig, OptimConfig, PPOConfig
 from rlhf_ray.data import load_tokenizer
 from rlhf_ray.driver import batches, scaling
 from rlhf_ray.driver import learners as learner_calls
-from rlhf_ray.driver.episodes import check_groups, rollout_metrics
+from rlhf_ray.driver.episodes import check_groups, rollout_metrics, sample_rows
 from rlhf_ray.driver.evaluation import heldout_score
 from rlhf_ray.driver.prompts import load_prompts, prompts_for_step
 from rlhf_ray.driver.run import Run
@@ -107,8 +107,8 @@ def run(cfg: PPOConfig) -> dict:
 
         # 3. one policy version per step
         for step in run.steps(version, cfg.steps):
-            metrics, trained = _step(cfg, step, version, stream, workers, kl, tokenizer.pad_token_id,
-                                     train_prompts)
+            metrics, trained, samples = _step(cfg, step, version, stream, workers, kl,
+                                              tokenizer.pad_token_id, train_prompts)
             version += 1
             # f. queue step + k + 1: it is generated with version >= v + 1 and trained at
             #    v + k + 1, so its staleness is at most k
@@ -123,6 +123,8 @@ def run(cfg: PPOConfig) -> dict:
             # g. log, evaluate, checkpoint
             if run.eval_due(version, cfg.steps):
                 metrics.update(evaluate())
+            if samples:
+                run.logger.log_samples(samples, version)
             run.log(metrics, version)
             history.append({"step": version, **metrics, **trained})
             run.show(metrics, "reward/mean", "kl/mean")
@@ -217,8 +219,9 @@ def _resume(run: Run, workers: Workers, kl: KLPenalty) -> tuple[int, list[dict]]
 
 
 def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, workers: Workers,
-          kl: KLPenalty, pad_id: int, train_prompts: list) -> tuple[dict, dict]:
-    """Steps a-e of one policy version; returns its metrics and which versions it trained on."""
+          kl: KLPenalty, pad_id: int, train_prompts: list) -> tuple[dict, dict, list | None]:
+    """Steps a-e of one policy version; returns its metrics, which versions it trained on,
+    and sample rows for the samples table when one is due."""
     t_step = time.perf_counter()
     # a. this step's scored episodes, all of its prompts; b. the staleness bound: the stream
     #    regenerates (whole) the prompt groups older than v - max_staleness, nothing is dropped
@@ -247,7 +250,9 @@ def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, worker
                "perf/train_s": train_s, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
     trained = {"trained_at_version": version,
                "versions_trained": sorted({e.policy_version for e in episodes})}
-    return metrics, trained
+    every = cfg.logging.samples_every
+    samples = sample_rows(episodes, cfg.logging.samples_per_table) if every and step % every == 0 else None
+    return metrics, trained, samples
 
 
 def _dynamic_sampling(cfg: PPOConfig, step: int, version: int, episodes: list, stream: EpisodeStream,
