@@ -8,13 +8,14 @@
 #   cluster/local_multinode.sh stop DIR     # stops exactly these nodes (not other Rays)
 #
 # Then place roles with e.g.
-#   rlhf-ray submit --address "$(cat DIR/dashboard)" --wait ppo launch/configs/ppo_tiny.yaml \
+#   rlhf-ray submit --address "$(cat DIR/dashboard)" ppo launch/configs/ppo_tiny.yaml \
 #     'rollout.resources={rollout_node: 1}' 'learner.resources={learner_node: 1}'
 #
 # Every port is picked free at start, and each node runs `ray start --block` in its own
 # process group (listed in DIR/pgids), so the cluster can live beside another Ray and
-# `stop` touches nothing else. RAY (default: the ray next to PYTHON) and PYTHON (default:
-# python3) choose the install; RAY_AUTH_MODE defaults to disabled for this local cluster.
+# `stop` touches nothing else. DIR/nodes.json lists the nodes' ids and resources. RAY
+# (default: the ray next to PYTHON) and PYTHON (default: python3) choose the install;
+# RAY_AUTH_MODE defaults to disabled for this local cluster.
 set -euo pipefail
 
 cmd=${1:?usage: $0 start|stop DIR}
@@ -32,8 +33,43 @@ node_ports() {  # the per-node agent ports; their defaults would clash with anot
 
 start_node() {  # start_node LOG ARGS...: one `ray start --block` in its own session
     local log=$1; shift
-    setsid "$RAY" start --block "$@" >"$dir/$log.log" 2>&1 &
+    setsid "$RAY" start --block "$@" >>"$dir/$log.log" 2>&1 &
     echo $! >>"$dir/pgids"
+}
+
+alive_nodes() {  # alive_nodes WANT TIMEOUT_S: wait for WANT alive nodes, write DIR/nodes.json
+    "$PYTHON" - "$(cat "$dir/dashboard")" "$1" "$2" "$dir/nodes.json" <<'EOF'
+import json, sys, time
+from ray.util.state import list_nodes
+address, want, timeout, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+deadline, nodes = time.time() + timeout, []
+while time.time() < deadline:
+    try:
+        nodes = [n for n in list_nodes(address=address, detail=True) if n.state == "ALIVE"]
+    except Exception:  # the dashboard is still starting
+        nodes = []
+    if len(nodes) >= want:
+        break
+    time.sleep(1)
+with open(out, "w") as f:
+    json.dump([{"node_id": n.node_id, "resources": n.resources_total} for n in nodes], f, indent=1)
+sys.exit(0 if len(nodes) >= want else 1)
+EOF
+}
+
+join() {  # join WANT NAME RESOURCES: start a worker node until WANT nodes are alive
+    local want=$1 name=$2 resources=$3
+    for attempt in 1 2 3; do
+        # shellcheck disable=SC2046
+        start_node "$name" --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus=1 \
+            --resources="$resources" --object-store-memory=200000000 $(node_ports)
+        alive_nodes "$want" 120 && return 0
+        # a raylet that cannot register within Ray's fixed 30 s (a busy machine) exits
+        echo "$name did not join (attempt $attempt); see $dir/$name.log" >&2
+        kill -TERM -- "-$(tail -n 1 "$dir/pgids")" 2>/dev/null || true
+    done
+    echo "$name could not join the cluster" >&2
+    return 1
 }
 
 case $cmd in
@@ -44,38 +80,16 @@ start)
     tmp=$(mktemp -d /tmp/rrc.XXXXXX)
     echo "$tmp" >"$dir/ray_tmp"
     gcs=$(free_port) dash=$(free_port)
+    echo "127.0.0.1:$gcs" >"$dir/address"
+    echo "http://127.0.0.1:$dash" >"$dir/dashboard"
     # shellcheck disable=SC2046
     start_node head --head --node-ip-address=127.0.0.1 --port="$gcs" --num-cpus=1 \
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
         --temp-dir="$tmp" --object-store-memory=200000000 $(node_ports)
-    for _ in $(seq 120); do  # the head is up once its GCS answers
-        "$PYTHON" -c "import socket; socket.create_connection(('127.0.0.1', $gcs), 1)" 2>/dev/null && break
-        sleep 0.5
-    done
-    # shellcheck disable=SC2046
-    start_node rollout_node --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus=1 \
-        --resources='{"rollout_node": 4}' --object-store-memory=200000000 $(node_ports)
-    # shellcheck disable=SC2046
-    start_node learner_node --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus=1 \
-        --resources='{"learner_node": 4}' --object-store-memory=200000000 $(node_ports)
-    echo "127.0.0.1:$gcs" >"$dir/address"
-    echo "http://127.0.0.1:$dash" >"$dir/dashboard"
-    # wait until all three nodes are alive, then write their ids and resources
-    "$PYTHON" - "$gcs" "$dir/nodes.json" <<'EOF'
-import json, sys, time
-import ray
-ray.init(address=f"127.0.0.1:{sys.argv[1]}", log_to_driver=False, logging_level="ERROR")
-deadline = time.time() + 300
-while True:
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    if len(nodes) == 3 or time.time() > deadline:
-        break
-    time.sleep(1)
-json.dump([{"node_id": n["NodeID"], "resources": n["Resources"]} for n in nodes],
-          open(sys.argv[2], "w"), indent=1)
-ray.shutdown()
-sys.exit(0 if len(nodes) == 3 else f"only {len(nodes)} of 3 nodes came up; see {sys.argv[2]}")
-EOF
+    alive_nodes 1 180 || { echo "the head did not come up; see $dir/head.log" >&2; exit 1; }
+    # worker nodes join one at a time, once the head (GCS and dashboard) answers
+    join 2 rollout_node '{"rollout_node": 4}'
+    join 3 learner_node '{"learner_node": 4}'
     echo "cluster up: $(cat "$dir/dashboard") (GCS $(cat "$dir/address"); nodes in $dir/nodes.json)"
     ;;
 stop)

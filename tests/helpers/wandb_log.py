@@ -60,10 +60,13 @@ def read_run(run_dir: str | Path) -> dict:
             for item in record.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "history":
-            row = {}
+            row: dict = {}
             for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
+                path = [item.key] if item.key else list(item.nested_key)
+                node = row
+                for part in path[:-1]:  # a logged object (a table) arrives field by field
+                    node = node.setdefault(part, {})
+                node[path[-1]] = json.loads(item.value_json)
             out["history"].append(row)
         elif kind == "stats":
             out["stats"] += 1
