@@ -29,15 +29,16 @@ anywhere. Ray Serve would tie the endpoint to a Ray cluster for no gain here.
 from __future__ import annotations
 
 import hmac
+import http.client
 import ipaddress
 import json
 import math
 import os
 import socket
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from http.client import HTTPException
 
 from starlette.requests import Request  # module level: FastAPI resolves handler annotations here
@@ -62,8 +63,10 @@ class RemoteReward:
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0,
                  retries: int = 3):
         self.url, self.token = url.rstrip("/"), token
+        self.base_path = urllib.parse.urlsplit(self.url).path
         self.timeout_s, self.retries = timeout_s, retries
         self.max_episodes = 1024
+        self._local = threading.local()  # one kept-alive connection per calling thread
 
     @classmethod
     def from_config(cls, reward: RewardConfig) -> RemoteReward:
@@ -105,27 +108,47 @@ class RemoteReward:
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
-                request = urllib.request.Request(url, data=data, headers=headers, method=method)
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                    raw = reply.read()
-                try:
-                    return json.loads(raw)
-                except ValueError:
-                    raise RewardError(f"reward.url {url}: the reply is not JSON: {raw[:200]!r}") from None
-            except urllib.error.HTTPError as e:
-                if e.code in RETRY_STATUS and not last:
-                    self._backoff(attempt)
-                    continue
-                raise RewardError(f"reward.url {url}: HTTP {e.code}: {_error_message(e)}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException) as e:
+                status, raw = self._send(method, path, data, headers)
+            except (OSError, HTTPException) as e:  # refused, reset, timed out, bad reply
                 if not last:
                     self._backoff(attempt)
                     continue
-                reason = getattr(e, "reason", e)
-                what = ("timed out" if isinstance(reason, TimeoutError)
-                        else f"cannot connect ({type(reason).__name__}: {reason})")
+                what = ("timed out" if isinstance(e, TimeoutError)
+                        else f"cannot connect ({type(e).__name__}: {e})")
                 raise RewardError(f"reward.url {url}: {what} after {attempt + 1} attempt(s), "
                                   f"timeout {self.timeout_s:g} s each") from None
+            if status >= 400:
+                if status in RETRY_STATUS and not last:
+                    self._backoff(attempt)
+                    continue
+                raise RewardError(f"reward.url {url}: HTTP {status}: {_error_message(raw)}")
+            try:
+                return json.loads(raw)
+            except ValueError:
+                raise RewardError(f"reward.url {url}: the reply is not JSON: {raw[:200]!r}") from None
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, path: str, data: bytes | None, headers: dict) -> tuple[int, bytes]:
+        """One exchange on this thread's kept-alive connection. A kept connection that the
+        server closed while it sat idle is reopened once, at no attempt's cost."""
+        for fresh in (False, True):
+            conn = getattr(self._local, "conn", None)
+            if conn is None or fresh:
+                if conn is not None:
+                    conn.close()
+                parts = urllib.parse.urlsplit(self.url)
+                kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                conn = self._local.conn = kind(parts.hostname, parts.port, timeout=self.timeout_s)
+            reused = conn.sock is not None
+            try:
+                conn.request(method, self.base_path + path, body=data, headers=headers)
+                reply = conn.getresponse()
+                return reply.status, reply.read()
+            except (OSError, HTTPException) as e:
+                conn.close()
+                self._local.conn = None
+                if not reused or isinstance(e, TimeoutError):
+                    raise
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -133,12 +156,11 @@ class RemoteReward:
         time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
 
-def _error_message(e: urllib.error.HTTPError) -> str:
+def _error_message(raw: bytes) -> str:
     try:
-        payload = json.loads(e.read() or b"null")
-        return str(payload["error"]["message"])
+        return str(json.loads(raw)["error"]["message"])
     except Exception:
-        return e.reason or "no message"
+        return raw[:200].decode("utf-8", "replace") or "no message"
 
 
 def _json_answer(answer):
