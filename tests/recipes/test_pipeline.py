@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf_ray.config import PipelineConfig
 from rlhf_ray.config_loader import ConfigError, build_config
@@ -29,7 +30,7 @@ def test_pipeline_tiny_end_to_end(ray_local, tmp_path):
     assert str(tmp_path / "prefs" / "prefs.jsonl") in rm_cfg
     ppo_cfg = (tmp_path / "ppo" / "config.yaml").read_text()
     assert str(tmp_path / "rm" / "model") in ppo_cfg and str(tmp_path / "rs" / "model") in ppo_cfg
-    assert f"reference: {tmp_path / 'sft' / 'model'}" in ppo_cfg
+    assert yaml.safe_load(ppo_cfg)["reference"]["model"] == str(tmp_path / "sft" / "model")
     dpo_cfg = (tmp_path / "dpo" / "config.yaml").read_text()
     assert str(tmp_path / "sft" / "model") in dpo_cfg
     # the report: held-out score of every stage's model, plots, memory
