@@ -15,7 +15,7 @@ demo: setup
 	.venv/bin/rlhf-ray pipeline launch/configs/quickstart.yaml run_dir=$(RUN_DIR)
 
 test:
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-slow:
 	$(PY) -m pytest -q -m slow

@@ -67,7 +67,7 @@ def cluster_errors(address: str, job_id: str | None = None):
         yield
     except AuthenticationError as e:
         token, source = auth_token()
-        if str(e).startswith("Authentication required"):
+        if token is None or str(e).startswith("Authentication required"):
             raise UserError(f"{address} requires an authentication token and none was sent ({source}); "
                             "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from None
         raise UserError(f"{address} rejected the authentication token from {source}; "

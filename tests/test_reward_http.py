@@ -202,12 +202,19 @@ def _chunked_oversize(url: str) -> tuple[int, dict]:
         s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
         chunk = b'{"episodes": [' + b" " * 8000
-        for _ in range(4):
-            s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-        s.sendall(b"0\r\n\r\n")
+        try:  # the server may answer and close as soon as the cap is passed
+            for _ in range(4):
+                s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            s.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         reply = b""
-        while part := s.recv(65536):
-            reply += part
+        try:
+            while part := s.recv(65536):
+                reply += part
+        except ConnectionResetError:  # a reset after the reply arrived
+            pass
+    assert reply, "the server closed the connection without a reply"
     head, _, body = reply.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)
 
