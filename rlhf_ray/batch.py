@@ -34,6 +34,21 @@ class Episode:
     score: float | None = None  # episode reward, set by the RewardServer
     ref_logprobs: list[float] | None = None  # (A,) reference log-probs, set by the ReferenceServer
     worker: str = ""  # which worker produced it (for attribution)
+    # Multi-turn episodes (an environment answered the policy; see rlhf_ray.envs). None on
+    # single-turn episodes, where every response token is the policy's.
+    response_mask: list[int] | None = None  # (A,) 1 on policy tokens, 0 on environment tokens
+    turn_ends: list[int] | None = None  # response positions of each turn's last policy token
+    turn_rewards: list[float] | None = None  # each turn's reward; they sum to ``score``
+    tool_calls: int = 0  # turns the environment counted as tool calls
+    env_error: str | None = None  # why the environment failed (env.on_error=count)
+
+    @property
+    def turns(self) -> int:
+        return len(self.turn_ends) if self.turn_ends is not None else 1
+
+    @property
+    def policy_tokens(self) -> int:
+        return sum(self.response_mask) if self.response_mask is not None else len(self.response_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -211,6 +211,30 @@ class RewardConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str | None = option(None, "Environment for multi-turn episodes: calculator, guess, or 'module:Class' (null: single-turn, scored by reward).")
+    kwargs: dict = option({}, "Keyword arguments for the environment's constructor.")
+    max_turns: int = option(4, "Policy turns per episode at most (each ends at EOS, a stop string of the environment, or sampling.max_new_tokens).")
+    step_timeout_s: float = option(10.0, "Seconds one reset or step call may take; past it the call counts as failed.")
+    on_error: Literal["raise", "count"] = option("raise", "An environment that raises, hangs or returns the wrong types: stop the job with an error naming it, the prompt and the turn (raise), or end that episode with failure_reward and count it in env/errors (count).")
+    failure_reward: float = option(0.0, "on_error=count: the score of an episode whose environment failed.")
+    threads: int = option(8, "Threads per rollout worker that run environment calls (a slow environment does not stall the engine).")
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.name)
+
+    def validate(self) -> None:
+        if self.name and ":" not in self.name and self.name not in ("calculator", "guess"):
+            raise ConfigError(f"env.name: expected calculator, guess or 'module:Class', got {self.name!r}")
+        if self.max_turns < 1 or self.threads < 1:
+            raise ConfigError(f"env.max_turns and env.threads: expected at least 1, got {self.max_turns} and "
+                              f"{self.threads}")
+        if self.step_timeout_s <= 0:
+            raise ConfigError(f"env.step_timeout_s: expected > 0, got {self.step_timeout_s}")
+
+
+@dataclass
 class ReferenceConfig:
     model: str | None = option(None, "Frozen reference model (null: the starting policy).")
     dtype: Dtype | None = option(None, "Reference dtype (null: model.dtype).")
@@ -396,6 +420,7 @@ class PPOConfig(RunConfig):
     sampling: SamplingConfig = option(SamplingConfig(n=4), "Sampling; sampling.n is the group size.")
     rollout: RolloutConfig = section(RolloutConfig, "vLLM rollout workers.")
     reward: RewardConfig = option(RewardConfig(function="arithmetic"), "Episode rewards.")
+    env: EnvConfig = section(EnvConfig, "Multi-turn episodes: an environment answers each policy turn and gives the rewards (reward is then unused).")
     learner: LearnerConfig = section(LearnerConfig, "DeepSpeed learners.")
     optim: OptimConfig = section(OptimConfig, "Policy optimizer.")
     value_lr: float = option(1e-5, "Value-model learning rate (gae only).")

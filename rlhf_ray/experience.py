@@ -41,6 +41,14 @@ def episodes_to_batch(episodes: list[Episode], pad_id: int) -> ExperienceBatch:
     (both as sampled, until the learners recompute ``old_logprobs``) and ``ref_logprobs``
     (if every episode has them); advantages are filled in later."""
     base = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in episodes], pad_id)
+    for i, e in enumerate(episodes):  # multi-turn: environment tokens are context, not targets
+        if e.response_mask is not None:
+            if len(e.response_mask) != len(e.response_ids):
+                raise ValueError(f"episode {i}: response_mask has {len(e.response_mask)} entries for "
+                                 f"{len(e.response_ids)} response tokens")
+            start = len(e.prompt_ids)
+            base.loss_mask[i, start: start + len(e.response_ids)] = torch.tensor(e.response_mask,
+                                                                                   dtype=base.loss_mask.dtype)
     shape = (len(episodes), base.input_ids.shape[1] - 1)
     old = _place([e.logprobs for e in episodes], episodes, shape)
     ref = (_place([e.ref_logprobs for e in episodes], episodes, shape)
@@ -49,6 +57,23 @@ def episodes_to_batch(episodes: list[Episode], pad_id: int) -> ExperienceBatch:
     return ExperienceBatch(base.input_ids, base.attention_mask, base.loss_mask,
                            old_logprobs=old, rollout_logprobs=old.clone(), ref_logprobs=ref,
                            policy_versions=versions)
+
+
+def turn_rewards(episodes: list[Episode], shape: tuple[int, int]) -> torch.Tensor | None:
+    """(B, T-1) per-turn rewards of multi-turn episodes, each on its turn's last policy token
+    (next-token aligned, like the log-probs); None if no episode has turns. A single-turn
+    episode's score sits on its last response token."""
+    if all(e.turn_ends is None for e in episodes):
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, e in enumerate(episodes):
+        start = len(e.prompt_ids) - 1
+        if e.turn_ends is None:
+            out[i, start + len(e.response_ids) - 1] = float(e.score)
+            continue
+        for end, reward in zip(e.turn_ends, e.turn_rewards or []):
+            out[i, start + end] += float(reward)
+    return out
 
 
 def critic_free_advantages(batch: ExperienceBatch, scores: torch.Tensor, estimator: str,
@@ -94,12 +119,20 @@ def critic_free_advantages(batch: ExperienceBatch, scores: torch.Tensor, estimat
 
 def gae_advantages(batch: ExperienceBatch, scores: torch.Tensor, values: torch.Tensor,
                    kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0,
-                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """PPO with a value model: KL-shaped token rewards, then GAE. Returns (adv, returns, metrics)."""
+                   lam: float = 0.95, token_scores: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """PPO with a value model: KL-shaped token rewards, then GAE. Returns (adv, returns, metrics).
+
+    ``token_scores`` (B, T-1), from :func:`turn_rewards`: multi-turn rewards placed on each
+    turn's last policy token, used instead of ``scores`` on the last token. GAE steps over
+    the environment's tokens (masked), so "next" is the policy's next token."""
     mask = batch.response_mask
     kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator)
           if batch.ref_logprobs is not None else torch.zeros_like(mask))
-    rewards = shape_rewards_with_kl(scores, kl, mask, kl_coef)
+    if token_scores is not None:
+        rewards = shape_rewards_with_kl(torch.zeros_like(scores), kl, mask, kl_coef) + token_scores * mask
+    else:
+        rewards = shape_rewards_with_kl(scores, kl, mask, kl_coef)
     adv, returns = gae(rewards, values * mask, mask, gamma, lam)
     # Whitened advantages keep a fresh (badly calibrated) value model from pushing every
     # token one way; the returns stay unwhitened as the value targets.

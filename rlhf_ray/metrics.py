@@ -17,7 +17,7 @@ from pathlib import Path
 from rlhf_ray.config import LoggingConfig
 from rlhf_ray.files import write_atomic, write_json_atomic, write_jsonl_atomic
 
-NAMESPACES = ("rollout", "reward", "policy", "value", "kl", "perf", "eval", "train", "sync",
+NAMESPACES = ("rollout", "env", "reward", "policy", "value", "kl", "perf", "eval", "train", "sync",
               "data", "dpo", "rm", "sft", "rs", "prefs")
 
 

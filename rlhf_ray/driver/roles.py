@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Callable
 
 from rlhf_ray.config import (
+    EnvConfig,
     LearnerConfig,
     OptimConfig,
     RayConfig,
@@ -70,11 +71,12 @@ class Roles:
 
     # ------------------------------------------------------------------ the roles
 
-    def rollouts(self, model: str, rollout: RolloutConfig, dtype: str, seed: int) -> WorkerGroup:
+    def rollouts(self, model: str, rollout: RolloutConfig, dtype: str, seed: int,
+                 env: EnvConfig | None = None) -> WorkerGroup:
         """``rollout.num_workers`` vLLM engines serving ``model`` (in ``rollout.dtype``, or
-        ``dtype`` when that is null)."""
+        ``dtype`` when that is null); with ``env``, their episodes are multi-turn."""
         group = self._start(RolloutWorker, "rollout", rollout.num_workers,
-                            args=(model, rollout, rollout.dtype or dtype, seed),
+                            args=(model, rollout, rollout.dtype or dtype, seed, "rollout", env),
                             keys={"CPU": "rollout.cpus_per_worker", "GPU": "rollout.gpus_per_worker"},
                             resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
                                                       custom=dict(rollout.resources),

@@ -54,6 +54,7 @@ class PromptChunk:
     ids: list[list[int]]
     indices: list[int]  # global prompt indices, kept in the episodes for grouping
     answers: list
+    texts: list[str]  # the prompts before the template (for an environment's reset)
     attempt: int = 0  # regenerations of these prompt groups so far (staleness)
     episodes: list[Episode] = field(default_factory=list)
     pending: int = 0  # scoring calls still outstanding (reward, reference)
@@ -140,7 +141,7 @@ class EpisodeLedger:
 
 
 class EpisodeStream:
-    def __init__(self, rollouts: WorkerGroup, reward: WorkerGroup, reference: WorkerGroup | None,
+    def __init__(self, rollouts: WorkerGroup, reward: WorkerGroup | None, reference: WorkerGroup | None,
                  sampling: SamplingConfig, max_inflight_per_worker: int = 2, max_requeues: int = 2):
         self.rollouts, self.reward, self.reference = rollouts, reward, reference
         self.sampling = sampling
@@ -168,7 +169,7 @@ class EpisodeStream:
             part = prompts[start: start + chunk_size]
             self.queue.append(PromptChunk(step, list(range(first + start, first + start + len(part))),
                                           [p.prompt_ids for p in part], [p.index for p in part],
-                                          [p.answer for p in part]))
+                                          [p.answer for p in part], [p.plain for p in part]))
         self.expected[step] = first + len(prompts)
         self._ledger.prompts_submitted += len(prompts)
         self._dispatch()
@@ -193,7 +194,7 @@ class EpisodeStream:
                 return
             chunk = self.queue.popleft()
             ref = self.rollouts.submit(rank, "generate", chunk.ids, self.sampling, chunk.indices,
-                                       chunk.answers)
+                                       chunk.answers, chunk.texts)
             self.inflight[ref] = ("generate", chunk, rank)
             self.load[rank] += 1
 
@@ -249,10 +250,17 @@ class EpisodeStream:
             self._finish(chunk)
 
     def _score(self, chunk: PromptChunk) -> None:
+        """Reward and reference calls for a generated chunk; episodes an environment already
+        scored (multi-turn) skip the reward server."""
         turn = next(self._replica)
-        r = turn % len(self.reward)
-        chunk.pending = 1 if self.reference is None else 2
-        self.inflight[self.reward.submit(r, "score", chunk.episodes)] = ("score", chunk, r)
+        scored = self.reward is None or all(e.score is not None for e in chunk.episodes)
+        chunk.pending = (0 if scored else 1) + (self.reference is not None)
+        if chunk.pending == 0:
+            chunk.pending = 1
+            return self._finish(chunk)
+        if not scored:
+            r = turn % len(self.reward)
+            self.inflight[self.reward.submit(r, "score", chunk.episodes)] = ("score", chunk, r)
         if self.reference is not None:
             k = turn % len(self.reference)
             self.inflight[self.reference.submit(k, "logprobs", chunk.episodes,
@@ -304,7 +312,8 @@ class EpisodeStream:
                   episodes: list[Episode]) -> PromptChunk:
         return PromptChunk(chunk.step, [chunk.slots[i] for i in positions],
                            [chunk.ids[i] for i in positions], [chunk.indices[i] for i in positions],
-                           [chunk.answers[i] for i in positions], attempt, episodes)
+                           [chunk.answers[i] for i in positions], [chunk.texts[i] for i in positions],
+                           attempt, episodes)
 
     @staticmethod
     def _prompt_group(chunk: PromptChunk, i: int) -> list[Episode]:

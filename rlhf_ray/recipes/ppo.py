@@ -26,6 +26,7 @@ KL coefficient and the per-step history) travels in the checkpoint's ``extra``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ from rlhf_ray.experience import (
     episodes_to_batch,
     gae_advantages,
     rollout_correction,
+    turn_rewards,
 )
 from rlhf_ray.files import write_jsonl_atomic
 from rlhf_ray.loss_terms import PPOLossSettings
@@ -72,7 +74,7 @@ class Workers:
     """The roles of one PPO run."""
 
     rollouts: WorkerGroup
-    reward: WorkerGroup
+    reward: WorkerGroup | None  # None: an environment scores the episodes
     reference: WorkerGroup
     learners: WorkerGroup
     sync: WeightSync
@@ -194,8 +196,9 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
     reference_path = resolve_model(cfg.reference.model or cfg.model.path, role="reference")
     optimizer_steps = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
     with run.phase("start"):  # the reward first: a wrong url, model or function fails fast
-        reward = run.roles.reward(cfg.reward)
-        rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+        # with an environment, it scores the episodes and no RewardServer is started
+        reward = None if cfg.env.is_set else run.roles.reward(cfg.reward)
+        rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, env=cfg.env)
         reference = run.roles.reference(reference_path, cfg.model.dtype, cfg.reference)
         learners = run.roles.learners(
             policy_path, cfg.learner, cfg.optim, cfg.model.dtype, optimizer_steps=optimizer_steps,
@@ -230,6 +233,10 @@ def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, worker
     episodes, sampling_metrics = _dynamic_sampling(cfg, step, version, episodes, stream, train_prompts)
     gen_s = time.perf_counter() - t_step
     check_groups(episodes, cfg.sampling.n)
+    failed = [e.env_error for e in episodes if e.env_error is not None]
+    if failed:  # env.on_error=count: trained on with env.failure_reward, counted in env/errors
+        print(f"step {step}: {len(failed)} episode(s) failed in the environment, e.g. {failed[0]}",
+              file=sys.stderr, flush=True)
     # c. advantages
     batch, adv_metrics = _experience(cfg, episodes, pad_id, workers.learners, kl)
     # d. policy (and value) updates
@@ -328,8 +335,14 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl: KLPenalty):
     metrics["kl/mean"] = float(kl_tokens.sum(-1).mean())
     if cfg.advantage == "gae":
         values = learners.call("forward_values", batch)[0]
+        # multi-turn episodes: each turn's reward on its last policy token
+        token_scores = turn_rewards(episodes, tuple(mask.shape))
+        if token_scores is not None and cfg.overlong == "soft_penalty":  # on the last token
+            last = torch.tensor([len(e.prompt_ids) + len(e.response_ids) - 2 for e in episodes])
+            token_scores[torch.arange(len(episodes)), last] += penalty
         batch.advantages, batch.returns, m = gae_advantages(batch, scores, values, kl.in_reward,
-                                                           cfg.kl.reward_estimator, cfg.gamma, cfg.lam)
+                                                           cfg.kl.reward_estimator, cfg.gamma, cfg.lam,
+                                                           token_scores)
         batch.old_values = values
         metrics["value/mean_old"] = float((values * mask).sum() / mask.sum().clamp(min=1))
     else:  # the KL penalty is added after the group normalisation, never scaled by it

@@ -7,7 +7,7 @@ import time
 
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import Episode
-from rlhf_ray.config import RolloutConfig, SamplingConfig
+from rlhf_ray.config import EnvConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.workers.group import Worker
 
 EXTENSION = "rlhf_ray.workers.vllm_ext.WeightLoaderExtension"
@@ -19,7 +19,7 @@ class RolloutWorker(Worker):
     role = "rollout"
 
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
-                 seed: int = 0, name: str = "rollout"):
+                 seed: int = 0, name: str = "rollout", env: EnvConfig | None = None):
         import torch  # noqa: F401  (first tensor call is otherwise slow)
 
         from rlhf_ray.workers.engine import make_llm
@@ -45,26 +45,45 @@ class RolloutWorker(Worker):
         self.version = 0
         self.max_model_len = rollout.max_model_len
         self.tensor_parallel_size = rollout.tensor_parallel_size
+        self.multiturn = None
+        if env is not None and env.is_set:
+            from rlhf_ray.envs import load_env_class
+            from rlhf_ray.workers.multiturn import MultiTurnRollout
+
+            self.multiturn = MultiTurnRollout(self.llm, self.tokenizer, load_env_class(env.name), env,
+                                              rollout.max_model_len, name)
 
     def generate(self, prompts: list, sampling: SamplingConfig, prompt_indices: list[int] | None = None,
-                 answers: list | None = None) -> list[Episode]:
+                 answers: list | None = None, texts: list[str] | None = None) -> list[Episode]:
         """Sample ``sampling.n`` responses per prompt (token-id lists or strings).
 
         Returns ``len(prompts) * n`` episodes, grouped by prompt: the n samples of prompt i
         are contiguous and share ``prompt_index``. ``logprobs`` are the sampled tokens'
         log-probabilities under the current weights, of the distribution sampled from
         (``softmax(logits / temperature)``; the raw logits when greedy).
+
+        With an environment (``env`` at construction) each episode is a conversation scored
+        by the environment (:mod:`rlhf_ray.workers.multiturn`); ``texts`` are the prompts as
+        the data gave them, handed to ``env.reset``.
         """
         from vllm import SamplingParams, TokensPrompt
 
         prompt_indices = list(range(len(prompts))) if prompt_indices is None else prompt_indices
         answers = [None] * len(prompts) if answers is None else answers
-        inputs, params, meta = [], [], []
+        token_ids = []
         for i, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
             if len(ids) >= self.max_model_len:
                 raise ValueError(f"{self.name}: prompt {prompt_indices[i]} has {len(ids)} tokens; "
                                  f"rollout.max_model_len is {self.max_model_len}")
+            token_ids.append(ids)
+        if self.multiturn is not None:
+            texts = texts or [self.tokenizer.decode(ids) for ids in token_ids]
+            rows = [{"prompt": text, "answer": answer, "index": index}
+                    for text, answer, index in zip(texts, answers, prompt_indices)]
+            return self.multiturn.run(token_ids, rows, sampling, self.version)
+        inputs, params, meta = [], [], []
+        for i, ids in enumerate(token_ids):
             for k in range(sampling.n):
                 inputs.append(TokensPrompt(prompt_token_ids=ids))
                 seed = None if sampling.seed is None else sampling.seed + prompt_indices[i] * 1009 + k
@@ -135,5 +154,7 @@ class RolloutWorker(Worker):
     def shutdown(self) -> None:
         from rlhf_ray.workers.engine import shutdown_llm
 
+        if getattr(self, "multiturn", None) is not None:
+            self.multiturn.close()
         shutdown_llm(getattr(self, "llm", None))
         self.llm = None

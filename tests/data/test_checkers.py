@@ -47,5 +47,5 @@ def test_sorting(text, expected):
 
 
 def test_registry_is_explicit():
-    assert set(CHECKERS) == {"numeric", "arithmetic", "counting", "sorting", "gsm8k"}
+    assert set(CHECKERS) == {"numeric", "arithmetic", "counting", "sorting", "gsm8k", "guess"}
     assert all(CHECKERS[name]("The answer is 7.", "7") == 1.0 for name in ("numeric", "arithmetic", "gsm8k"))

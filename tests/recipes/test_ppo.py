@@ -218,3 +218,34 @@ def test_bf16_rollouts_fp32_learner_the_mismatch_is_measured_and_corrected(ray_l
     print("bf16 rollouts, fp32 learner, step 1:", {k: first[k] for k in (
         "rollout/mismatch_kl", "rollout/is_weight_mean", "rollout/is_clipped_frac",
         "policy/clip_frac", "policy/ratio_mean")})
+
+
+def test_grpo_with_the_calculator_environment_through_the_cli(ray_local, tmp_path):
+    """Multi-turn episodes end to end: `rlhf-ray ppo ... env.name=calculator` trains on the
+    environment's scores (no reward server), logs env/* and reconciles the ledger."""
+    from rlhf_ray import cli
+
+    code = cli.main(["ppo", str(TINY), f"run_dir={tmp_path}", "logging.progress_bar=false", "steps=2",
+                     "env.name=calculator", "env.max_turns=2", "env.kwargs={instructions: true}"])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2]
+    for h in history:
+        assert 1 <= h["env/turns_mean"] <= 2 and h["env/errors"] == 0 and h["env/policy_tokens_mean"] > 0
+        assert h["rollout/episodes"] == 4 * 2 and "policy/loss" in h
+    assert summary["workers"].get("reward") in (None, [])  # the environment scores; no RewardServer
+    assert summary["episode_ledger"]["trained"] == summary["episode_ledger"]["collected"] == 2 * 4 * 2
+    assert "eval/turns_mean" in summary["metrics"]
+
+
+def test_gae_with_per_turn_rewards_from_a_scripted_environment(ray_local, tmp_path):
+    """PPO with a value model on three-turn episodes: each turn's reward (0.1, 0.2, 0.3) sits
+    on the turn's last policy token and GAE steps over the environment's tokens."""
+    summary, history = run_ppo(tmp_path, "advantage=gae", "steps=2", "env.name=scripted_envs:Scripted",
+                               "env.kwargs={turns: 3}")
+    for h in history:
+        assert h["env/turns_mean"] == 3 and h["env/tool_calls"] == 2 * 4 * 2
+        assert h["reward/mean"] == pytest.approx(0.6) and "value/loss" in h
+        assert h["env/env_tokens_mean"] > 0
+    assert summary["episode_ledger"]["trained"] == 2 * 4 * 2
