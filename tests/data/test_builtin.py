@@ -32,7 +32,7 @@ EXPECTED_ROWS = {  # rows in format "prompt" (all) and "instruction" (when offer
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=needs_mtbench) if n == "mtbench" else n
-                                  for n in BUILTINS])
+                                  for n in BUILTINS if n != "calculator"])
 def test_builtin_loads_with_licence_and_counts(name):
     prompt_rows, instruction_rows = EXPECTED_ROWS[name]
     data = load_rows(DataConfig(source=name, format="prompt"), split="all")
@@ -127,3 +127,24 @@ def test_mtbench_keeps_turns_and_category():
     rows = load_rows(DataConfig(source="mtbench", format="prompt"), split="all").rows
     assert {r.meta["category"] for r in rows} >= {"writing", "math", "coding"}
     assert all(r.meta["turns"][0] == r.prompt for r in rows)
+
+
+def test_calculator_demonstrations_call_the_tool_then_answer_and_avoid_the_rl_problems():
+    from rlhf_ray.envs import Calculator
+
+    rows = load_rows(DataConfig(source="calculator", format="conversation"), split="all").rows
+    assert len(rows) == 2000
+    first, second = rows[0], rows[1]
+    assert [m.role for m in first.messages] == ["user", "assistant"]
+    assert [m.role for m in second.messages] == ["user", "assistant", "tool", "assistant"]
+    question = first.messages[0].content.splitlines()[0]
+    env = Calculator()
+    assert env.reset({"prompt": question, "answer": None, "index": 0}) == first.messages[0].content
+    call = first.messages[1].content
+    observation, _, done, info = env.step(call)
+    assert not done and info["tool_call"] and observation == second.messages[2].content
+    env.answer = observation
+    assert env.step(second.messages[3].content)[1:3] == (1.0, True)
+    rl = {r.prompt for r in load_rows(DataConfig(source="arithmetic", format="prompt", num_rows=4000),
+                                      split="all").rows}
+    assert not {r.messages[0].content.splitlines()[0] for r in rows} & rl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 
@@ -52,10 +53,13 @@ class ResetFails(Scripted):
 
 
 LOG: list = []  # what SlowForPrompt0 environments did, in order (in-process tests only)
+FAST_DONE = threading.Event()  # set when the two other prompts have played all three turns
 
 
 class SlowForPrompt0(Scripted):
-    """Prompt index 100 sleeps 3 s on its first step; every step is logged."""
+    """Prompt 100's first step waits (up to 8 s) until the episodes of prompts 101 and 102
+    have played all their turns: if the rollout loop stalled on a slow environment they
+    could not, and the step returns at 8 s before them. Every step is logged."""
 
     def reset(self, row):
         self.index = row["index"]
@@ -63,8 +67,10 @@ class SlowForPrompt0(Scripted):
 
     def step(self, action_text):
         if self.index == 100 and self.t == 0:
-            time.sleep(3)
+            FAST_DONE.wait(timeout=8)
             LOG.append(("slow-done", self.index))
         result = super().step(action_text)
         LOG.append(("step", self.index, self.t))
+        if sum(entry[0] == "step" and entry[1] != 100 and entry[2] == 3 for entry in LOG) == 2:
+            FAST_DONE.set()
         return result

@@ -248,4 +248,6 @@ def test_gae_with_per_turn_rewards_from_a_scripted_environment(ray_local, tmp_pa
         assert h["env/turns_mean"] == 3 and h["env/tool_calls"] == 2 * 4 * 2
         assert h["reward/mean"] == pytest.approx(0.6) and "value/loss" in h
         assert h["env/env_tokens_mean"] > 0
+        # the DeepSpeed learners' pi_old and vLLM's sampling log-probs agree on policy tokens
+        assert h["rollout/mismatch_kl"] < 1e-4 and abs(h["rollout/is_weight_mean"] - 1) < 1e-3
     assert summary["episode_ledger"]["trained"] == 2 * 4 * 2

@@ -239,12 +239,15 @@ def test_vllm_and_learner_logprobs_agree_on_policy_tokens(worker, tiny_llama):
 
 
 def test_a_slow_environment_does_not_stall_the_others(worker):
-    """Prompt 0's environment sleeps on its first step; the other episodes play all their
-    turns meanwhile (their steps are stamped before the sleeper's returns)."""
+    """Prompt 0's environment blocks on its first step until the other episodes have played
+    all their turns (at most 8 s); they can only do so while it blocks if the loop does
+    not wait for it."""
     import scripted_envs
 
     scripted_envs.LOG.clear()
-    play(worker, "SlowForPrompt0", turns=3, n=1, prompts=[[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    scripted_envs.FAST_DONE.clear()
+    play(worker, "SlowForPrompt0", turns=3, n=1, prompts=[[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+         step_timeout_s=20)
     log = list(scripted_envs.LOG)
     slow_returned = log.index(("slow-done", 100))
     fast_last_steps = [i for i, entry in enumerate(log) if entry == ("step", 101, 3) or entry == ("step", 102, 3)]
