@@ -298,3 +298,23 @@ def test_the_builtin_environments_run_on_the_engine(worker):
         episodes = play(worker, env, n=2, max_turns=3)
         assert len(episodes) == 4
         assert all(e.env_error is None and 1 <= e.turns <= 3 and e.score in (0.0, 1.0) for e in episodes)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce++", "reinforce++-baseline"])
+def test_critic_free_advantages_use_the_episode_score_on_policy_tokens_only(estimator):
+    """Two prompts x two samples of multi-turn episodes: every estimator puts advantages on
+    the policy tokens only, and with no KL a sample's policy tokens share one advantage
+    (the episode-level reward), whatever the environment tokens between its turns."""
+    from rlhf_ray.experience import critic_free_advantages
+
+    episodes = [_episode([1, 2], [("p", [10, 11]), ("e", [20, 21]), ("p", [12])], [0.0, r])
+                for r in (1.0, 0.0, 0.5, 0.25)]
+    batch = episodes_to_batch(episodes, pad_id=0)
+    scores = torch.tensor([e.score for e in episodes])
+    adv, _ = critic_free_advantages(batch, scores, estimator, group_size=2)
+    mask = batch.response_mask.bool()
+    assert (adv[~mask] == 0).all()
+    for row in range(4):
+        values = adv[row][mask[row]]
+        assert torch.allclose(values, values[0].expand_as(values))
+    assert adv[0][mask[0]][0] > adv[1][mask[1]][0]  # the higher-scoring sample of the group
