@@ -142,8 +142,9 @@ def run(cfg: PPOConfig) -> dict:
         return run.finish({"model": model_dir, "history": str(history_file)},
                           {"advantage": cfg.advantage, "max_staleness": cfg.max_staleness,
                            "final_version": version, "episode_ledger": stream.ledger.as_dict()},
-                          plot=(["reward/mean", "kl/mean", "eval/score", "eval/score_sampled"],
-                                f"PPO ({cfg.advantage})"))
+                          plot=(["reward/mean", "kl/mean", "eval/score", "eval/score_sampled",
+                                 *(["env/tool_calls", "eval/tool_calls_mean"] if cfg.env.is_set else [])],
+                                f"PPO ({cfg.advantage})" + (f", env {cfg.env.name}" if cfg.env.is_set else "")))
 
 
 def _prompts(cfg: PPOConfig, tokenizer) -> tuple[list, list]:
