@@ -59,20 +59,23 @@ def episodes_to_batch(episodes: list[Episode], pad_id: int) -> ExperienceBatch:
                            policy_versions=versions)
 
 
-def turn_rewards(episodes: list[Episode], shape: tuple[int, int]) -> torch.Tensor | None:
-    """(B, T-1) per-turn rewards of multi-turn episodes, each on its turn's last policy token
-    (next-token aligned, like the log-probs); None if no episode has turns. A single-turn
-    episode's score sits on its last response token."""
+def turn_rewards(episodes: list[Episode], scores: torch.Tensor, shape: tuple[int, int]
+                 ) -> torch.Tensor | None:
+    """(B, T-1) token rewards of multi-turn episodes (next-token aligned, like the log-probs);
+    None if no episode has turns. Each turn's reward sits on the turn's last policy token,
+    and whatever of ``scores[i]`` (B,) the turns do not account for on the last response
+    token: all of it for a single-turn episode, a penalty the driver added to the score
+    (e.g. overlong) otherwise. Row i sums to ``scores[i]``."""
     if all(e.turn_ends is None for e in episodes):
         return None
     out = torch.zeros(shape, dtype=torch.float32)
     for i, e in enumerate(episodes):
         start = len(e.prompt_ids) - 1
-        if e.turn_ends is None:
-            out[i, start + len(e.response_ids) - 1] = float(e.score)
-            continue
-        for end, reward in zip(e.turn_ends, e.turn_rewards or []):
+        placed = 0.0
+        for end, reward in zip(e.turn_ends or [], e.turn_rewards or []):
             out[i, start + end] += float(reward)
+            placed += float(reward)
+        out[i, start + len(e.response_ids) - 1] += float(scores[i]) - placed
     return out
 
 

@@ -254,10 +254,7 @@ class EpisodeStream:
         scored (multi-turn) skip the reward server."""
         turn = next(self._replica)
         scored = self.reward is None or all(e.score is not None for e in chunk.episodes)
-        chunk.pending = (0 if scored else 1) + (self.reference is not None)
-        if chunk.pending == 0:
-            chunk.pending = 1
-            return self._finish(chunk)
+        chunk.pending = (not scored) + (self.reference is not None)
         if not scored:
             r = turn % len(self.reward)
             self.inflight[self.reward.submit(r, "score", chunk.episodes)] = ("score", chunk, r)
@@ -265,14 +262,20 @@ class EpisodeStream:
             k = turn % len(self.reference)
             self.inflight[self.reference.submit(k, "logprobs", chunk.episodes,
                                                 self.sampling.temperature)] = ("logprobs", chunk, k)
+        if chunk.pending == 0:
+            self._scored(chunk)
 
     def _finish(self, chunk: PromptChunk) -> None:
         chunk.pending -= 1
         if chunk.pending == 0:
-            self._score_latency.append(time.perf_counter() - chunk.generated_at)
-            self.done.setdefault(chunk.step, []).append(chunk)
-            self.stats["chunks"] += 1
-            self._ledger.scored += len(chunk.episodes)
+            self._scored(chunk)
+
+    def _scored(self, chunk: PromptChunk) -> None:
+        """Every score of the chunk is in: it waits for its step to be collected."""
+        self._score_latency.append(time.perf_counter() - chunk.generated_at)
+        self.done.setdefault(chunk.step, []).append(chunk)
+        self.stats["chunks"] += 1
+        self._ledger.scored += len(chunk.episodes)
 
     # ------------------------------------------------------------------ staleness
 

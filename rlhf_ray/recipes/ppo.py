@@ -337,10 +337,7 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl: KLPenalty):
     if cfg.advantage == "gae":
         values = learners.call("forward_values", batch)[0]
         # multi-turn episodes: each turn's reward on its last policy token
-        token_scores = turn_rewards(episodes, tuple(mask.shape))
-        if token_scores is not None and cfg.overlong == "soft_penalty":  # on the last token
-            last = torch.tensor([len(e.prompt_ids) + len(e.response_ids) - 2 for e in episodes])
-            token_scores[torch.arange(len(episodes)), last] += penalty
+        token_scores = turn_rewards(episodes, scores, tuple(mask.shape))
         batch.advantages, batch.returns, m = gae_advantages(batch, scores, values, kl.in_reward,
                                                            cfg.kl.reward_estimator, cfg.gamma, cfg.lam,
                                                            token_scores)

@@ -183,7 +183,8 @@ class MultiTurnRollout:
         t.finish_reason = "stop" if out.finish_reason == "stop" else "length"
         if t.final_turn or not tokens:
             t.turn_rewards.append(0.0)
-            return self._finish(t)
+            t.done = True
+            return
         self._call(t, "step", t.env.step, out.text)
 
     def _stepped(self, t: Trajectory, result: tuple[str, float, bool, dict]) -> None:
@@ -191,14 +192,17 @@ class MultiTurnRollout:
         t.turn_rewards.append(reward)
         t.tool_calls += bool(info.get("tool_call"))
         if done:
-            return self._finish(t)
+            t.done = True
+            return
         if len(t.turn_ends) >= self.cfg.max_turns:
             t.finish_reason = "length"  # out of turns
-            return self._finish(t)
+            t.done = True
+            return
         obs_ids = self.format.observation_ids(observation, t.last_turn_eos)
         if len(t.prompt_ids) + len(t.response_ids) + len(obs_ids) >= self.max_model_len:
             t.finish_reason = "length"  # no room for another turn
-            return self._finish(t)
+            t.done = True
+            return
         t.response_ids += obs_ids
         t.response_mask += [0] * len(obs_ids)
         t.logprobs += [0.0] * len(obs_ids)
@@ -214,17 +218,13 @@ class MultiTurnRollout:
         if not t.turn_ends:  # reset failed: the policy answers the data's prompt once, unscored
             t.final_turn = True
             return self._generate(t)
-        self._finish(t)
-
-    @staticmethod
-    def _finish(t: Trajectory) -> None:
         t.done = True
 
     # ------------------------------------------------------------------ output
 
     def _episode(self, t: Trajectory, version: int) -> Episode:
-        rewards = list(t.turn_rewards) + [0.0] * (len(t.turn_ends) - len(t.turn_rewards))
-        if t.error is not None:
+        rewards = t.turn_rewards
+        if t.error is not None:  # the failure reward replaces what the turns earned
             rewards = [0.0] * (len(t.turn_ends) - 1) + [self.cfg.failure_reward]
         return Episode(
             prompt_ids=t.prompt_ids, response_ids=t.response_ids,

@@ -124,10 +124,10 @@ def test_environment_tokens_are_not_targets_and_turn_rewards_sit_on_turn_ends():
     # next-token aligned: position j predicts token j+1; a's response starts at token 3
     assert batch.response_mask[0].tolist() == [0, 0, 1, 1, 0, 0, 0, 1]
     assert batch.response_mask[1].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]
-    placed = turn_rewards([a, b], tuple(batch.response_mask.shape))
+    placed = turn_rewards([a, b], torch.tensor([a.score, b.score]), tuple(batch.response_mask.shape))
     assert placed[0].tolist() == [0, 0, 0, 0.25, 0, 0, 0, 1.0]
     assert placed[1].tolist() == [0, 0, 0, 0, 2.0, 0, 0, 0]  # single-turn: the score at the end
-    assert turn_rewards([b], (1, 5)) is None
+    assert turn_rewards([b], torch.tensor([b.score]), (1, 5)) is None
 
 
 def test_gae_steps_over_environment_tokens():
