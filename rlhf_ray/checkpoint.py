@@ -6,8 +6,12 @@ A checkpoint is a folder ``run_dir/checkpoints/step_00000012`` holding
   (weights, optimizer, LR schedule), written by ``LearnerWorker.save_checkpoint``;
 - ``rng/``: each learner rank's torch random state, so dropout masks continue as if the run
   had never stopped;
-- ``state.json``: the driver's job state (:class:`JobState`), written LAST, so a folder
-  without it is an interrupted save and is ignored.
+- ``state.json``: the driver's job state (:class:`JobState`).
+
+A save writes everything into ``step_00000012.partial`` and renames it to
+``step_00000012`` only when every part is on disk (one atomic rename), so a kill at any
+moment of a save (the driver, a learner, a SIGTERM) leaves the previous checkpoint as the
+newest complete one; the next save removes the unfinished folder.
 
 Every recipe that resumes uses this one format (sft, rm, dpo, rs, ppo); a recipe's own
 driver state (PPO's KL coefficient and per-step history, RS's round outputs) goes in
@@ -38,6 +42,7 @@ from rlhf_ray.files import write_json_atomic
 
 STATE_FILE = "state.json"
 PREFIX = "step_"
+PARTIAL = ".partial"  # a save in progress (or cut short)
 # Keys that may differ between an interrupted run and its resumption (dotted prefixes).
 RESUMABLE_KEYS = ("resume", "max_steps", "epochs", "eval_every", "max_eval_rows", "checkpoint",
                   "logging", "ray", "learner.cpus_per_worker", "learner.gpus_per_worker",
@@ -69,12 +74,18 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return checkpoints_dir(run_dir) / f"{PREFIX}{step:08d}"
 
 
+def partial_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the save of ``step`` is written before it is renamed to :func:`step_dir`."""
+    return checkpoints_dir(run_dir) / f"{PREFIX}{step:08d}{PARTIAL}"
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders (with ``state.json``), oldest first."""
+    """Complete checkpoint folders (renamed from ``.partial``, with ``state.json``), oldest first."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -84,20 +95,22 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def save(learners: Any, run_dir: str | Path, state: JobState, keep_last: int) -> Path:
-    """Every rank writes its DeepSpeed state, then the driver writes ``state.json`` and prunes
-    all but the newest ``keep_last`` checkpoints."""
-    path = step_dir(run_dir, state.step)
+    """Every rank writes its DeepSpeed state, the driver writes ``state.json``, all into
+    ``step_<N>.partial``, which is then renamed to ``step_<N>``; all but the newest
+    ``keep_last`` checkpoints are pruned."""
+    path, partial = step_dir(run_dir, state.step), partial_dir(run_dir, state.step)
     if path.exists():
-        shutil.rmtree(path)  # an interrupted save of the same step
+        shutil.rmtree(path)  # a step saved again (a run resumed from before it)
     for unfinished in set(checkpoints_dir(run_dir).glob(f"{PREFIX}*")) - set(complete_checkpoints(run_dir)):
         shutil.rmtree(unfinished, ignore_errors=True)  # saves a kill interrupted
     previous = latest(run_dir)
     try:
-        path.mkdir(parents=True)
-        learners.call("save_checkpoint", str(path), "state", {"step": state.step})
-        write_json_atomic(path / STATE_FILE, dataclasses.asdict(state))
+        partial.mkdir(parents=True)
+        learners.call("save_checkpoint", str(partial), "state", {"step": state.step})
+        write_json_atomic(partial / STATE_FILE, dataclasses.asdict(state))
+        partial.rename(path)
     except OSError as e:  # a full disk, a quota: the previous checkpoint is untouched
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         kept = (f"the previous checkpoint {previous} is intact; resume=auto continues from it"
                 if previous else "no earlier checkpoint exists")
         what = f"writing {e.filename} failed" if e.filename else "the save failed"

@@ -235,6 +235,21 @@ class EnvConfig:
 
 
 @dataclass
+class FaultsConfig:
+    max_restarts: int = option(3, "Replacements of dead rollout, reward or reference workers allowed per role within window_s; past it the job stops naming the role (0: any worker death stops the job).")
+    window_s: float = option(3600.0, "The sliding window of the restart budget, in seconds.")
+    hang_timeout_s: float | None = option(None, "A rollout, reward or reference call running longer than this counts its worker as hung: it is killed and replaced like a dead one (null: ray.call_timeout_s, past which a hung worker stops the job).")
+
+    def validate(self) -> None:
+        if self.max_restarts < 0:
+            raise ConfigError(f"faults.max_restarts: expected >= 0, got {self.max_restarts}")
+        if self.window_s <= 0:
+            raise ConfigError(f"faults.window_s: expected > 0, got {self.window_s}")
+        if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
+            raise ConfigError(f"faults.hang_timeout_s: expected > 0 or null, got {self.hang_timeout_s}")
+
+
+@dataclass
 class ReferenceConfig:
     model: str | None = option(None, "Frozen reference model (null: the starting policy).")
     dtype: Dtype | None = option(None, "Reference dtype (null: model.dtype).")
@@ -454,6 +469,7 @@ class PPOConfig(RunConfig):
     eval_prompts: int = option(32, "Held-out prompts per evaluation (greedy).")
     eval_samples: int = option(0, "Samples per held-out prompt for eval/score_sampled (0: sampling.n).")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    faults: FaultsConfig = section(FaultsConfig, "Replacing dead rollout, reward and reference workers.")
 
     def validate(self) -> None:
         if (self.advantage in ("grpo", "rloo", "reinforce++-baseline") or self.dynamic_sampling) \

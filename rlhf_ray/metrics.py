@@ -18,7 +18,7 @@ from rlhf_ray.config import LoggingConfig
 from rlhf_ray.files import write_atomic, write_json_atomic, write_jsonl_atomic
 
 NAMESPACES = ("rollout", "env", "reward", "policy", "value", "kl", "perf", "eval", "train", "sync",
-              "data", "dpo", "rm", "sft", "rs", "prefs")
+              "data", "dpo", "rm", "sft", "rs", "prefs", "faults")
 
 
 class RunLogger:

@@ -453,7 +453,8 @@ def test_sigterm_during_a_checkpoint_save_keeps_the_previous_one(tmp_path):
             if not line and proc.poll() is not None:
                 break
         assert line.strip() == "SAVING", proc.stderr.read()[-3000:]
-        assert checkpoint.step_dir(run, 2).is_dir()  # the save is under way
+        assert checkpoint.partial_dir(run, 2).is_dir()  # the save is under way, under its temporary name
+        assert not checkpoint.step_dir(run, 2).exists()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 143
         err = proc.stderr.read()

@@ -41,8 +41,10 @@ from tqdm import tqdm
 from rlhf_ray import checkpoint
 from rlhf_ray.config_loader import ConfigError, save_config, to_dict
 from rlhf_ray.driver.roles import Roles
+from rlhf_ray.driver.supervisor import learner_failure_advice
 from rlhf_ray.metrics import RunLogger
 from rlhf_ray.runtime import worker_env
+from rlhf_ray.workers.group import WorkerError
 
 
 class Run:
@@ -84,6 +86,8 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is SystemExit and getattr(exc, "code", None) == 143:
             self._report_sigterm()
+        if isinstance(exc, WorkerError) and exc.role == "learner" and self.resumable is not None:
+            exc.advice = learner_failure_advice(self.run_dir)  # the checkpoint a rerun resumes from
         try:
             self.roles.shutdown()
         finally:

@@ -50,20 +50,24 @@ def set_rollout_workers(run_name: str, n: int) -> int:
 
 
 def apply(control, rollouts, stream, sync, version: int) -> dict[str, float]:
-    """Between steps: grow or shrink the rollout group toward the wanted size."""
+    """Between steps: grow or shrink the rollout group toward the wanted size.
+
+    New workers get the current weights before any chunk. Scaling in drains: the surplus
+    ranks (the group's tail) get no new chunks, and each is stopped once its chunks in
+    flight are done (now, or at a later step)."""
     wanted = ray.get(control.get_rollout.remote(), timeout=30)
     have = len(rollouts)
+    if wanted >= have:
+        stream.drain(None)
     if wanted > have:
-        rollouts.add(wanted - have)
-        sync.sync(version)  # the new workers start from the current weights
+        ranks = rollouts.add(wanted - have)
+        sync.push(ranks, version)  # the new workers start from the current weights
         stream.grow()
     elif wanted < have:
-        idle_tail = 0
-        for rank in reversed(range(1, have)):
-            if stream.load[rank] or have - idle_tail <= wanted:
-                break
-            idle_tail += 1
-        if idle_tail:
-            rollouts.remove(idle_tail)
-            stream.shrink(idle_tail)
-    return {"rollout/num_workers": float(len(rollouts))}
+        stream.drain(wanted)
+        idle = stream.idle_tail(wanted)
+        if idle:
+            rollouts.remove(idle)
+            stream.shrink(idle)
+    return {"rollout/num_workers": float(len(rollouts)),
+            "rollout/draining_workers": float(len(rollouts) - wanted if wanted < len(rollouts) else 0)}

@@ -24,6 +24,16 @@ old and new samples, and no prompt, long or short, is lost to the bound. A group
 back stale again after ``max_requeues`` regenerations means the rollout workers' weights are
 older than ``min_version`` (the driver did not sync): that is an error, not a loop.
 
+Faults. With a :class:`~rlhf_ray.driver.supervisor.Supervisor`, a worker that dies is
+replaced instead of ending the job. A dead rollout worker's chunks (generating or waiting
+in its queue) go back to the front of the queue, whole prompt groups, and live workers take
+them while it restarts; the replacement gets the current weights before any work. A dead
+reward or reference replica's scoring calls are sent again to a live replica (or, with one
+replica, to its replacement). A stream where no call finishes for ``faults.hang_timeout_s``
+kills the worker holding the oldest call and replaces it the same way. Results only count
+when a call succeeds, so a prompt is never generated into a step twice and never lost;
+:meth:`EpisodeStream.collect` checks that each of a step's prompts comes back exactly once.
+
 Accounting. :class:`EpisodeLedger` counts episodes generated, scored, collected (handed to
 the driver), trained (reported by the driver), dropped for staleness (regenerated), and
 prompts submitted, re-queued and collected; :attr:`EpisodeStream.ledger` fills in what is
@@ -42,7 +52,7 @@ import ray
 
 from rlhf_ray.batch import Episode
 from rlhf_ray.config import SamplingConfig
-from rlhf_ray.workers.group import WorkerGroup
+from rlhf_ray.workers.group import WorkerError, WorkerGroup
 
 
 @dataclass
@@ -66,7 +76,8 @@ class EpisodeLedger:
     """Where every prompt and episode of a run went.
 
     Counters (only grow): prompts submitted / re-queued (regenerated for staleness) /
-    collected; episodes generated, scored, collected, trained, dropped_stale. Gauges (what is
+    collected; episodes generated, scored, collected, trained, dropped_stale; prompts
+    re-queued and scoring calls retried because a worker died. Gauges (what is
     still in the stream, set by :attr:`EpisodeStream.ledger`): prompts_pending (queued,
     generating, scoring or scored and waiting for their step), scoring (episodes whose
     scores are outstanding), waiting (episodes scored, not yet collected).
@@ -82,6 +93,8 @@ class EpisodeLedger:
     trained: int = 0
     filtered: int = 0  # collected, then left out of training by the driver (dynamic sampling)
     dropped_stale: int = 0
+    prompts_requeued_fault: int = 0  # held by a rollout worker that died, generated again
+    calls_retried_fault: int = 0  # scoring calls held by a reward/reference server that died
     prompts_pending: int = 0
     scoring: int = 0
     waiting: int = 0
@@ -142,7 +155,12 @@ class EpisodeLedger:
 
 class EpisodeStream:
     def __init__(self, rollouts: WorkerGroup, reward: WorkerGroup | None, reference: WorkerGroup | None,
-                 sampling: SamplingConfig, max_inflight_per_worker: int = 2, max_requeues: int = 2):
+                 sampling: SamplingConfig, max_inflight_per_worker: int = 2, max_requeues: int = 2,
+                 supervisor=None):
+        """``supervisor``: replaces dead workers (None: a dead worker raises WorkerError)."""
+        self.supervisor = supervisor
+        self.down: set[int] = set()  # rollout ranks being replaced: no new work
+        self.draining: int | None = None  # scale in: ranks >= this get no new work
         self.rollouts, self.reward, self.reference = rollouts, reward, reference
         self.sampling = sampling
         self.max_inflight = max_inflight_per_worker
@@ -186,10 +204,31 @@ class EpisodeStream:
         if any(self.load[-n:]):
             raise RuntimeError("cannot drop rollout workers that still have chunks in flight")
         del self.load[-n:]
+        if self.draining is not None and self.draining >= len(self.load):
+            self.draining = None
+
+    def drain(self, keep: int | None) -> None:
+        """Scale in: rollout ranks ``>= keep`` get no new chunks (None: all get work again);
+        their chunks in flight finish normally, then the workers can be removed."""
+        self.draining = keep
+        self._dispatch()
+
+    def idle_tail(self, keep: int) -> int:
+        """How many ranks ``>= keep`` at the end of the group have nothing in flight."""
+        n = 0
+        for rank in reversed(range(keep, len(self.load))):
+            if self.load[rank]:
+                break
+            n += 1
+        return n
 
     def _dispatch(self) -> None:
         while self.queue and self.load:
-            rank = min(range(len(self.load)), key=lambda r: self.load[r])
+            usable = [r for r in range(len(self.load)) if r not in self.down
+                      and (self.draining is None or r < self.draining)]
+            if not usable:
+                return
+            rank = min(usable, key=lambda r: self.load[r])
             if self.load[rank] >= self.max_inflight:
                 return
             chunk = self.queue.popleft()
@@ -209,12 +248,20 @@ class EpisodeStream:
         If nothing finishes within ``timeout_s``, the oldest call is gathered through its
         group (waiting up to the group's ``timeout_s`` more), which raises WorkerError naming
         the stuck worker (its role, rank and node); should that call finish meanwhile, it is
-        handled like any other. A failed or timed-out call stays in flight: the stream is
-        left consistent."""
+        handled like any other. With a supervisor and ``faults.hang_timeout_s``, no progress
+        for that long instead counts the oldest call's worker as hung: it is replaced. A
+        failed or timed-out call stays in flight: the stream is left consistent."""
+        hang_s = self.supervisor.hang_timeout_s if self.supervisor is not None else None
         refs = list(self.inflight)
-        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        ready, rest = ray.wait(refs, num_returns=1, timeout=hang_s or timeout_s)
         if not ready:
             kind, _, rank = self.inflight[refs[0]]
+            if hang_s:
+                self._recover(kind, rank, WorkerError(
+                    self._role(kind).role, rank, self._role(kind)._node(rank),
+                    f"'{kind}' hung: no call of the stream finished in {hang_s:.0f} s "
+                    "(faults.hang_timeout_s)", died=True))
+                return
             self._role(kind).get([refs[0]], [rank], kind)  # raises WorkerError if still stuck
             ready, rest = [refs[0]], refs[1:]
         if rest:  # everything else that is done by now, in submission order
@@ -222,11 +269,18 @@ class EpisodeStream:
             done = set(ready) | set(more)
             ready = [r for r in refs if r in done]
         for ref in ready:
-            self._handle(ref)
+            if ref in self.inflight:  # a recovery may have taken a dead worker's other calls
+                self._handle(ref)
 
     def _handle(self, ref) -> None:
         kind, chunk, rank = self.inflight[ref]
-        result = self._role(kind).get([ref], [rank], kind)[0]  # raises WorkerError on failure
+        try:
+            result = self._role(kind).get([ref], [rank], kind)[0]  # raises WorkerError on failure
+        except WorkerError as e:
+            if self.supervisor is None or not e.died:
+                raise
+            self._recover(kind, rank, e)
+            return
         del self.inflight[ref]
         if kind == "generate":
             self.load[rank] -= 1
@@ -256,14 +310,50 @@ class EpisodeStream:
         scored = self.reward is None or all(e.score is not None for e in chunk.episodes)
         chunk.pending = (not scored) + (self.reference is not None)
         if not scored:
-            r = turn % len(self.reward)
-            self.inflight[self.reward.submit(r, "score", chunk.episodes)] = ("score", chunk, r)
+            self._submit_scoring("score", chunk, turn % len(self.reward))
         if self.reference is not None:
-            k = turn % len(self.reference)
-            self.inflight[self.reference.submit(k, "logprobs", chunk.episodes,
-                                                self.sampling.temperature)] = ("logprobs", chunk, k)
+            self._submit_scoring("logprobs", chunk, turn % len(self.reference))
         if chunk.pending == 0:
             self._scored(chunk)
+
+    def _submit_scoring(self, kind: str, chunk: PromptChunk, replica: int) -> None:
+        args = (chunk.episodes,) if kind == "score" else (chunk.episodes, self.sampling.temperature)
+        self.inflight[self._role(kind).submit(replica, kind, *args)] = (kind, chunk, replica)
+
+    # ------------------------------------------------------------------ faults
+
+    def _recover(self, kind: str, rank: int, error: WorkerError) -> None:
+        """Worker ``rank`` of ``kind``'s role died (or hung): hand back everything it held,
+        let live workers take it, replace the worker, then give the rest to the new one."""
+        group = self._role(kind)
+        lost = [(ref, chunk) for ref, (k, chunk, r) in self.inflight.items() if k == kind and r == rank]
+        for ref, _ in lost:
+            del self.inflight[ref]
+        chunks = [chunk for _, chunk in lost]
+        if kind == "generate":
+            # whole prompt groups back to the front, in their order; nothing of them counted yet
+            self.load[rank] = 0
+            self.down.add(rank)
+            for chunk in reversed(chunks):
+                self.queue.appendleft(chunk)
+            prompts = sum(len(c.slots) for c in chunks)
+            self._ledger.prompts_requeued_fault += prompts
+            self.supervisor.requeued_prompts += prompts
+            self._dispatch()  # live workers start on them while the dead one is replaced
+            try:
+                self.supervisor.replace(group, rank, error)  # + the current weights
+            finally:
+                self.down.discard(rank)
+            self._dispatch()
+            return
+        live = [r for r in range(len(group)) if r != rank and r not in group.dead]
+        self._ledger.calls_retried_fault += len(chunks)
+        self.supervisor.retried_calls += len(chunks)
+        for i, chunk in enumerate(chunks if live else []):
+            self._submit_scoring(kind, chunk, live[i % len(live)])
+        self.supervisor.replace(group, rank, error)
+        for chunk in chunks if not live else []:  # one replica: the stream waited for it
+            self._submit_scoring(kind, chunk, rank)
 
     def _finish(self, chunk: PromptChunk) -> None:
         chunk.pending -= 1
@@ -350,6 +440,12 @@ class EpisodeStream:
             self._wait(timeout_s)
         chunks = self.done.pop(step)
         del self.expected[step]
+        slots = sorted(slot for c in chunks for slot in c.slots)
+        if slots != list(range(expected)):
+            twice = sorted({s for s in slots if slots.count(s) > 1})
+            missing = sorted(set(range(expected)) - set(slots))
+            raise RuntimeError(f"episode ledger: step {step} came back with prompt slots {twice} "
+                               f"twice and {missing} missing; every prompt must be trained exactly once")
         groups = sorted(((idx, slot, self._prompt_group(c, i))
                          for c in chunks for i, (slot, idx) in enumerate(zip(c.slots, c.indices))),
                         key=lambda g: (g[0], g[1]))

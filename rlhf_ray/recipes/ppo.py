@@ -53,6 +53,7 @@ from rlhf_ray.driver.evaluation import heldout_score
 from rlhf_ray.driver.prompts import load_prompts, prompts_for_step
 from rlhf_ray.driver.run import Run
 from rlhf_ray.driver.stream import EpisodeStream
+from rlhf_ray.driver.supervisor import Supervisor
 from rlhf_ray.experience import (
     critic_free_advantages,
     episodes_to_batch,
@@ -92,15 +93,20 @@ def run(cfg: PPOConfig) -> dict:
         # 1. the roles; resume=auto restores the learners, the KL coefficient and the history
         workers = _start(run, cfg, policy_path)
         version, history = _resume(run, workers, kl)
+        # a dead rollout, reward or reference worker is replaced (rollouts get the weights first)
+        supervisor = _supervise(cfg, run, workers)
 
         def evaluate() -> dict[str, float]:
             with run.phase("eval"):
-                return heldout_score(workers.rollouts, workers.reward, eval_prompts,
-                                     cfg.sampling.max_new_tokens, cfg.sampling, cfg.eval_samples)
+                return supervisor.retrying(workers.rollouts, lambda: supervisor.retrying(
+                    workers.reward, lambda: heldout_score(workers.rollouts, workers.reward, eval_prompts,
+                                                          cfg.sampling.max_new_tokens, cfg.sampling,
+                                                          cfg.eval_samples)))
 
         run.log(evaluate(), version)
         # 2. queue the first max_staleness + 1 steps; `rlhf-ray scale` may resize the rollouts
-        stream = EpisodeStream(workers.rollouts, workers.reward, workers.reference, cfg.sampling)
+        stream = EpisodeStream(workers.rollouts, workers.reward, workers.reference, cfg.sampling,
+                               supervisor=supervisor)
         control = scaling.open_control(run.run_dir.name, cfg.rollout.num_workers)
         run.roles.on_shutdown(lambda: ray.kill(control))
         for ahead in range(version, min(cfg.steps, version + cfg.max_staleness + 1)):
@@ -110,7 +116,7 @@ def run(cfg: PPOConfig) -> dict:
         # 3. one policy version per step
         for step in run.steps(version, cfg.steps):
             metrics, trained, samples = _step(cfg, step, version, stream, workers, kl,
-                                              tokenizer.pad_token_id, train_prompts)
+                                              tokenizer.pad_token_id, train_prompts, supervisor)
             version += 1
             # f. queue step + k + 1: it is generated with version >= v + 1 and trained at
             #    v + k + 1, so its staleness is at most k
@@ -119,9 +125,11 @@ def run(cfg: PPOConfig) -> dict:
                                                cfg.prompts_per_step), cfg.chunk_size,
                               step=step + cfg.max_staleness + 1)
             metrics.update(scaling.apply(control, workers.rollouts, stream, workers.sync, version))
-            # the episode ledger: every prompt and episode accounted for (rollout/ledger_*)
+            supervisor.write_workers()
+            # the episode ledger: every prompt and episode accounted for (rollout/ledger_*),
+            # and what faults cost (faults/*)
             stream.ledger.check()
-            metrics.update(stream.ledger.as_metrics())
+            metrics.update({**stream.ledger.as_metrics(), **supervisor.metrics()})
             # g. log, evaluate, checkpoint
             if run.eval_due(version, cfg.steps):
                 metrics.update(evaluate())
@@ -141,7 +149,8 @@ def run(cfg: PPOConfig) -> dict:
         history_file = write_jsonl_atomic(run.run_dir / "history.jsonl", history)
         return run.finish({"model": model_dir, "history": str(history_file)},
                           {"advantage": cfg.advantage, "max_staleness": cfg.max_staleness,
-                           "final_version": version, "episode_ledger": stream.ledger.as_dict()},
+                           "final_version": version, "episode_ledger": stream.ledger.as_dict(),
+                           "faults": supervisor.summary()},
                           plot=(["reward/mean", "kl/mean", "eval/score", "eval/score_sampled",
                                  *(["env/tool_calls", "eval/tool_calls_mean"] if cfg.env.is_set else [])],
                                 f"PPO ({cfg.advantage})" + (f", env {cfg.env.name}" if cfg.env.is_set else "")))
@@ -209,6 +218,16 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
     return Workers(rollouts, reward, reference, learners, sync)
 
 
+def _supervise(cfg: PPOConfig, run: Run, workers: Workers) -> Supervisor:
+    """The run's supervisor: watches the replaceable roles; lists the learners' pids too."""
+    supervisor = Supervisor(cfg.faults, run.run_dir)
+    supervisor.watch(workers.rollouts, after_restart=lambda rank: workers.sync.push([rank]))
+    supervisor.watch(workers.reward)
+    supervisor.watch(workers.reference)
+    supervisor.watch(workers.learners)
+    return supervisor
+
+
 def _resume(run: Run, workers: Workers, kl: KLPenalty) -> tuple[int, list[dict]]:
     """``resume=auto``: the restored policy version (its weights pushed to the rollout
     workers), KL coefficient and per-step history; ``(0, [])`` for a fresh run."""
@@ -223,7 +242,8 @@ def _resume(run: Run, workers: Workers, kl: KLPenalty) -> tuple[int, list[dict]]
 
 
 def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, workers: Workers,
-          kl: KLPenalty, pad_id: int, train_prompts: list) -> tuple[dict, dict, list | None]:
+          kl: KLPenalty, pad_id: int, train_prompts: list,
+          supervisor: Supervisor) -> tuple[dict, dict, list | None]:
     """Steps a-e of one policy version; returns its metrics, which versions it trained on,
     and sample rows for the samples table when one is due."""
     t_step = time.perf_counter()
@@ -247,7 +267,7 @@ def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, worker
     train_s = time.perf_counter() - t_train
     stream.ledger.record_trained(len(episodes))
     # e. new weights to the rollout workers
-    sync_metrics = workers.sync.sync(version + 1)
+    sync_metrics = supervisor.retrying(workers.rollouts, lambda: workers.sync.sync(version + 1))
     kl.update(adv_metrics.get("kl/mean", 0.0), len(episodes))
     step_s = time.perf_counter() - t_step
     tokens = sum(len(e.response_ids) for e in episodes)
@@ -257,7 +277,8 @@ def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, worker
                "perf/gen_s": gen_s, "perf/score_s": stream.pop_score_latency(),
                "perf/train_s": train_s, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
     trained = {"trained_at_version": version,
-               "versions_trained": sorted({e.policy_version for e in episodes})}
+               "versions_trained": sorted({e.policy_version for e in episodes}),
+               "prompts_trained": sorted({e.prompt_index for e in episodes})}
     every = cfg.logging.samples_every
     samples = sample_rows(episodes, cfg.logging.samples_per_table) if every and step % every == 0 else None
     return metrics, trained, samples

@@ -6,7 +6,11 @@
     results = group.call_each("generate", [[a], [b]])  # one argument tuple per worker
     group.shutdown()
 
-A failure or timeout raises :class:`WorkerError` naming the role, rank, node and cause.
+A failure or timeout raises :class:`WorkerError` naming the role, rank, node and cause, as
+soon as the first call fails (a dead rank does not wait for the others to time out).
+``WorkerError.died`` tells a dead worker process from a call that raised; the driver's
+supervisor (:mod:`rlhf_ray.driver.supervisor`) replaces dead workers with
+:meth:`WorkerGroup.replace`. Ray itself never restarts a worker or retries a call.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +31,22 @@ from rlhf_ray.errors import UserError
 
 
 class WorkerError(UserError, RuntimeError):
-    """A worker failed or timed out; the message names role, rank, node and cause."""
+    """A worker failed or timed out; the message names role, rank, node and cause.
 
-    def __init__(self, role: str, rank: int, node: str, cause: str):
+    ``died``: the worker's process is gone (killed, crashed, its node lost), as opposed to a
+    call that raised. ``timed_out``: the call did not finish in time. ``advice``: what the
+    user can do next (e.g. the checkpoint a rerun resumes from), added by the driver."""
+
+    def __init__(self, role: str, rank: int, node: str, cause: str, died: bool = False,
+                 timed_out: bool = False):
         self.role, self.rank, self.node, self.cause = role, rank, node, cause
-        super().__init__(f"{role} worker rank {rank} on node {node} failed: {cause}")
+        self.died, self.timed_out = died, timed_out
+        self.advice = ""
+        super().__init__(role, rank, node, cause)
+
+    def __str__(self) -> str:
+        message = f"{self.role} worker rank {self.rank} on node {self.node} failed: {self.cause}"
+        return f"{message}; {self.advice}" if self.advice else message
 
 
 @dataclass
@@ -106,6 +122,7 @@ class WorkerGroup:
         self.workers: list[Any] = []
         self.nodes: list[str] = []
         self.infos: list[dict] = []  # each worker's node_info(): node id, ip, pid, GPUs
+        self.dead: set[int] = set()  # ranks whose process died and were not replaced
         self._pg = None
         self._remote_cls = ray.remote(actor_cls)
         self.add(num_workers)
@@ -181,6 +198,28 @@ class WorkerGroup:
         del self.nodes[-n:]
         del self.infos[-n:]
 
+    def replace(self, rank: int) -> dict:
+        """Start a new worker in place of ``rank`` (dead, hung or alive: the old one is
+        killed first), with the same arguments and placement; returns its node info. A
+        distributed group cannot replace one rank: its process group would be broken."""
+        if self.distributed:
+            raise ValueError(f"{self.role}: a rank of a distributed group cannot be replaced")
+        ray.kill(self.workers[rank], no_restart=True)
+        index = rank if self._pg is not None and rank < self._pg.bundle_count else None
+        handle = self._remote_cls.options(**self._options(index)).remote(*self.args, **self.kwargs)
+        try:
+            info = self._gather([handle.node_info.remote()], [rank], "restart", self.start_timeout_s)[0]
+        except BaseException:
+            ray.kill(handle, no_restart=True)
+            raise
+        self.workers[rank], self.infos[rank] = handle, info
+        self.nodes[rank] = f"{info['ip']} ({info['host']}, pid {info['pid']})"
+        self.dead.discard(rank)
+        return info
+
+    def pid(self, rank: int) -> int:
+        return self.infos[rank]["pid"]
+
     def __len__(self) -> int:
         return len(self.workers)
 
@@ -207,23 +246,31 @@ class WorkerGroup:
         return self._gather(list(refs), list(ranks), what)
 
     def _gather(self, refs: list, ranks: list[int], what: str, timeout_s: float | None = None) -> list:
+        """Results in order; the first failure raises at once, naming its rank."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if pending:
-            rank = ranks[refs.index(pending[0])]
-            raise WorkerError(self.role, rank, self._node(rank),
-                              f"'{what}' timed out after {timeout_s:.0f} s")
-        results = []
-        for ref, rank in zip(refs, ranks):
-            try:
-                results.append(ray.get(ref))
-            except Exception as e:  # attribute the failure to its worker
-                node = self._node(rank)
-                if node == "unknown":  # died before reporting: Ray's message names the ip
-                    found = re.search(r"\bip=([\d.]+)", str(e))
-                    node = found.group(1) if found else node
-                raise WorkerError(self.role, rank, node, f"'{what}': {_cause(e)}") from e
-        return results
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                rank = ranks[refs.index(pending[0])]
+                raise WorkerError(self.role, rank, self._node(rank),
+                                  f"'{what}' timed out after {timeout_s:.0f} s", timed_out=True)
+            self._result(ready[0], ranks[refs.index(ready[0])], what)  # raises if it failed
+        return [self._result(ref, rank, what) for ref, rank in zip(refs, ranks)]
+
+    def _result(self, ref: ray.ObjectRef, rank: int, what: str) -> Any:
+        try:
+            return ray.get(ref)
+        except Exception as e:  # attribute the failure to its worker
+            node = self._node(rank)
+            if node == "unknown":  # died before reporting: Ray's message names the ip
+                found = re.search(r"\bip=([\d.]+)", str(e))
+                node = found.group(1) if found else node
+            died = isinstance(e, ray.exceptions.RayActorError)
+            if died:
+                self.dead.add(rank)
+            raise WorkerError(self.role, rank, node, f"'{what}': {_cause(e)}", died=died) from e
 
     def _node(self, rank: int) -> str:
         return self.nodes[rank] if rank < len(self.nodes) else "unknown"
@@ -233,7 +280,9 @@ class WorkerGroup:
     def _stop(self, ranks: list[int]) -> None:
         refs = []
         for rank in ranks:
-            if hasattr(self.actor_cls, "shutdown"):
+            # a group with a dead rank is killed at once: its other ranks may be stuck in a
+            # collective with the dead one and would never run shutdown
+            if hasattr(self.actor_cls, "shutdown") and not self.dead:
                 refs.append(self.workers[rank].shutdown.remote())
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=60)
@@ -244,6 +293,7 @@ class WorkerGroup:
         """Shut every worker down cleanly, then kill it and free the placement group."""
         self._stop(list(range(len(self.workers))))
         self.workers, self.nodes, self.infos = [], [], []
+        self.dead.clear()
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

@@ -157,6 +157,7 @@ class WeightSync:
         self._metadata: list[TensorMeta] | None = None
         self._group_size = 0
         self._bytes: int | None = None  # of one full copy of the weights
+        self.version: int | None = None  # of the last sync
 
     def _open(self) -> None:
         info = self.learners.get([self.learners.submit(0, "node_info")], [0], "node_info")[0]
@@ -172,8 +173,26 @@ class WeightSync:
         self._metadata = [m for m in self.learners.call("weights_metadata") if m][0]
         self._group_size = len(shards)
 
+    def push(self, ranks: list[int], version: int | None = None) -> None:
+        """Give rollout workers ``ranks`` (new ones: scaled out, or replacing a dead worker)
+        the learners' current weights, stamped ``version`` (default: the last synced one),
+        before they get any work. Nothing to do before the first sync: a new worker loads
+        the same starting weights. Broadcast reopens its group (its members changed) and
+        syncs every worker."""
+        version = self.version if version is None else version
+        if version is None:
+            return
+        if self.method == "object_store":
+            refs = [r for rank_refs in self.learners.call("publish_weights") for r in rank_refs]
+            self.rollouts.get([self.rollouts.submit(r, "load_weights", version, refs[:1]) for r in ranks],
+                              ranks, "load_weights")
+        else:
+            self._metadata = None
+            self.sync(version)
+
     def sync(self, version: int) -> dict:
         """Push the current learner weights to all rollout workers as ``version``."""
+        self.version = version  # what the learners hold now (a replacement gets it too)
         start = time.perf_counter()
         if self.method == "object_store":
             refs = [r for rank_refs in self.learners.call("publish_weights") for r in rank_refs]
