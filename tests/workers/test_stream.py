@@ -219,3 +219,54 @@ def test_ledger_flags_what_does_not_reconcile():
     ledger.prompts_pending = 0  # a prompt lost
     with pytest.raises(RuntimeError, match="prompts submitted 3 != collected 2"):
         ledger.check()
+
+
+def test_a_hung_rollout_worker_is_replaced_and_its_prompts_generated_again(roles, prompts):
+    """Rollout worker 1 is frozen (SIGSTOP: alive to Ray, doing nothing, like a partitioned
+    node). With faults.hang_timeout_s, no progress for that long counts it as hung: it is
+    killed, replaced, and its chunks are generated again; the step comes back whole."""
+    import os
+    import signal
+
+    from rlhf_ray.config import FaultsConfig
+    from rlhf_ray.driver.supervisor import Supervisor
+
+    rollouts, reward, reference = roles
+    supervisor = Supervisor(FaultsConfig(max_restarts=1, hang_timeout_s=3.0))
+    supervisor.watch(rollouts)
+    stream = EpisodeStream(rollouts, reward, reference, SAMPLING, supervisor=supervisor)
+    frozen = rollouts.pid(1)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        stream.submit(prompts[0:4], 1, step=0)  # chunks of 1: two for each worker
+        assert {rank for _, _, rank in stream.inflight.values()} == {0, 1}
+        assert_step(stream.collect(0, timeout_s=300), prompts[0:4])
+    finally:
+        try:
+            os.kill(frozen, signal.SIGKILL)  # normally the supervisor's ray.kill did it
+        except ProcessLookupError:
+            pass
+    assert rollouts.pid(1) != frozen
+    (event,) = supervisor.events
+    assert event["role"] == "rollout" and event["rank"] == 1 and "hung" in event["cause"]
+    ledger = finish(stream, 4 * N)
+    assert ledger.prompts_requeued_fault == supervisor.requeued_prompts == 2
+    assert ledger.generated == ledger.collected == 4 * N  # nothing of the frozen worker counted
+
+
+def test_draining_ranks_get_no_new_chunks_and_become_idle(roles, prompts):
+    """Scale in: after drain(1), rank 1 finishes what it holds and gets nothing new."""
+    rollouts, reward, reference = roles
+    stream = EpisodeStream(rollouts, reward, reference, SAMPLING)
+    stream.submit(prompts[0:4], 1, step=0)
+    assert stream.load == [2, 2]
+    stream.drain(1)
+    assert stream.idle_tail(1) == 0  # rank 1 still holds chunks
+    stream.submit(prompts[4:8], 1, step=1)
+    assert_step(stream.collect(0, timeout_s=300), prompts[0:4])
+    assert_step(stream.collect(1, timeout_s=300), prompts[4:8])
+    assert stream.idle_tail(1) == 1 and stream.load == [0, 0]
+    stream.shrink(1)  # what scaling does once the group removed the worker
+    assert stream.draining is None and len(stream.load) == 1
+    stream.grow()  # and the worker is still there in the shared group: back to two
+    finish(stream, 8 * N)
