@@ -89,3 +89,15 @@ def test_sync_makes_rollouts_match_learner(roles, method):
     after, versions = _max_logprob_diff(learner, rollouts)
     assert set(versions) == {version}
     assert after <= 1e-4, f"{method}: rollout and learner log-probs differ by {after} after sync"
+    # a replacement worker (a dead one restarted) starts from the model files; push gives it
+    # the learner's current weights and version before any work
+    sync = WeightSync(learner, rollouts, method=method, bucket_mb=1)
+    sync.sync(version)
+    old_pid = rollouts.pid(1)
+    rollouts.replace(1)
+    assert rollouts.pid(1) != old_pid
+    assert rollouts.get([rollouts.submit(1, "health")], [1])[0]["version"] == 0
+    sync.push([1])
+    after, versions = _max_logprob_diff(learner, rollouts)
+    assert set(versions) == {version}
+    assert after <= 1e-4, f"{method}: the replacement differs from the learner by {after} after push"
