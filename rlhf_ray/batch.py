@@ -116,6 +116,22 @@ class SequenceBatch:
             fields[f.name] = value
         return type(self)(**fields)
 
+    def first_target_column(self) -> int:
+        """The first next-token position j (of T-1) where any row has a target: the logits
+        of positions before it (the shared prompt prefix) are never needed."""
+        cols = self.response_mask.bool().any(0).nonzero()
+        return int(cols[0]) if len(cols) else 0
+
+    def from_column(self: B, start: int) -> B:
+        """Columns ``start:`` of every (B, T) and next-token aligned (B, T-1) tensor, (B,)
+        tensors kept: with :meth:`first_target_column`, the window the loss terms need, to
+        pair with logits computed only there (``logits_to_keep``). Column j of the window
+        is column ``start + j`` of the batch, so the alignment of the two widths holds."""
+        if start == 0:
+            return self
+        return dataclasses.replace(self, **{k: v[:, start:] for k, v in self.tensors().items()
+                                            if v.dim() >= 2})
+
     def split(self: B, size: int) -> list[B]:
         """Consecutive parts of at most ``size`` rows (micro-batches)."""
         return [self.rows(slice(i, i + size)) for i in range(0, len(self), size)]

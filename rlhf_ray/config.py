@@ -121,8 +121,11 @@ class LearnerConfig:
     placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the learners: pack (same node first) or spread.")
     resources: dict[str, float] = option({}, "Custom Ray resources per learner, e.g. {trainer_node: 1}: places learners on the nodes that have them.")
     backend: Literal["auto", "gloo", "nccl"] = option("auto", "torch.distributed backend: auto picks nccl on GPU, gloo on CPU.")
+    threads: int | None = option(None, "Torch CPU threads per learner rank (CPU only). null: the cores of its node, shared among the learner ranks there, when no other role computes during training (sft, rm, dpo, rs; ppo with max_staleness=0); else cpus_per_worker (at least 1).")
 
     def validate(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"learner.threads: expected at least 1 or null, got {self.threads}")
         check_placement("learner", "num_workers", self.num_workers, "cpus_per_worker", self.cpus_per_worker,
                         "gpus_per_worker", self.gpus_per_worker, self.resources)
         if self.micro_batch_size < 1:

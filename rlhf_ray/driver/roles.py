@@ -105,22 +105,24 @@ class Roles:
 
     def learners(self, model: str, learner: LearnerConfig, optim: OptimConfig, dtype: str, *,
                  optimizer_steps: int | None, seed: int, model_kind: str = "causal_lm",
-                 value_model: str | None = None, value_optim: OptimConfig | None = None
-                 ) -> WorkerGroup:
+                 value_model: str | None = None, value_optim: OptimConfig | None = None,
+                 exclusive: bool = True) -> WorkerGroup:
         """``learner.num_workers`` DeepSpeed ranks, initialised. ``optimizer_steps``: the
         optimizer steps of the whole run, for the LR schedule (None: a constant schedule).
         ``value_optim`` set: each rank also trains a value model (from ``value_model``, or the
-        policy's backbone)."""
+        policy's backbone). ``exclusive``: no other role computes while they train (their
+        CPU threads then default to the node's cores, see ``learner.threads``)."""
         group = self._start(LearnerWorker, "learner", learner.num_workers, distributed=True,
                             args=(model, learner, optim, dtype, model_kind),
                             kwargs=dict(with_value=value_optim is not None, total_steps=optimizer_steps,
                                         seed=seed, value_model_path=value_model,
-                                        value_optim=value_optim),
+                                        value_optim=value_optim, exclusive=exclusive),
                             keys={"CPU": "learner.cpus_per_worker", "GPU": "learner.gpus_per_worker"},
                             resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
                                                       custom=dict(learner.resources),
                                                       placement=learner.placement))
-        group.call("init")
+        ranks = group.call("init")
+        self.resolved["learner"] = {"threads": [r["threads"] for r in ranks]}  # for summary.json
         return group
 
     # ------------------------------------------------------------------ helpers

@@ -213,7 +213,8 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
         learners = run.roles.learners(
             policy_path, cfg.learner, cfg.optim, cfg.model.dtype, optimizer_steps=optimizer_steps,
             seed=cfg.seed, value_model=cfg.value_model,
-            value_optim=OptimConfig(lr=cfg.value_lr) if cfg.advantage == "gae" else None)
+            value_optim=OptimConfig(lr=cfg.value_lr) if cfg.advantage == "gae" else None,
+            exclusive=cfg.max_staleness == 0)  # with staleness, generation runs during training
     sync = WeightSync(learners, rollouts, cfg.weight_sync.transport, cfg.weight_sync.bucket_mb)
     return Workers(rollouts, reward, reference, learners, sync)
 

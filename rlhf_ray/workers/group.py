@@ -70,11 +70,11 @@ class Worker:
                 "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()}
 
     def set_rank_env(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                     local_rank: int) -> None:
+                     local_rank: int, local_world_size: int = 1) -> None:
         """torch.distributed rendezvous variables, set before any process group starts."""
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size),
-                           "LOCAL_RANK": str(local_rank), "MASTER_ADDR": master_addr,
-                           "MASTER_PORT": str(master_port)})
+                           "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world_size),
+                           "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
         self.rank, self.world_size = rank, world_size
 
     def health(self) -> dict:
@@ -177,13 +177,14 @@ class WorkerGroup:
         if master is None:
             raise ValueError(f"{self.role}: a distributed group cannot grow after start")
         by_node: dict[str, int] = {}
-        refs = []
-        for rank, worker in enumerate(self.workers):
+        local_ranks = []
+        for rank in range(len(self.workers)):
             node = self.nodes[rank].split(" ")[0]
-            local_rank = by_node.get(node, 0)
-            by_node[node] = local_rank + 1
-            refs.append(worker.set_rank_env.remote(rank, len(self.workers), master["ip"],
-                                                   master["free_port"], local_rank))
+            local_ranks.append(by_node.get(node, 0))
+            by_node[node] = local_ranks[-1] + 1
+        refs = [worker.set_rank_env.remote(rank, len(self.workers), master["ip"], master["free_port"],
+                                           local_ranks[rank], by_node[self.nodes[rank].split(" ")[0]])
+                for rank, worker in enumerate(self.workers)]
         self._gather(refs, list(range(len(self.workers))), "rendezvous", self.start_timeout_s)
 
     def remove(self, n: int) -> None:

@@ -68,7 +68,11 @@ class LearnerWorker(WeightSender, Worker):
     def __init__(self, model_path: str, learner: LearnerConfig, optim: OptimConfig,
                  dtype: str = "float32", model_kind: ModelKind = "causal_lm",
                  with_value: bool = False, total_steps: int | None = None, seed: int = 0,
-                 value_model_path: str | None = None, value_optim: OptimConfig | None = None):
+                 value_model_path: str | None = None, value_optim: OptimConfig | None = None,
+                 exclusive: bool = True):
+        """``exclusive``: no other role computes while this one trains, so on a CPU it may
+        use every core of its node (shared with the learner ranks there); see
+        ``learner.threads``."""
         if model_kind not in ("causal_lm", "reward"):
             raise ValueError(f"learner: model_kind must be 'causal_lm' or 'reward', got {model_kind!r}")
         if with_value and model_kind != "causal_lm":
@@ -81,6 +85,7 @@ class LearnerWorker(WeightSender, Worker):
         self.model_path, self.learner, self.optim, self.dtype = model_path, learner, optim, dtype
         self.model_kind, self.with_value, self.total_steps = model_kind, with_value, total_steps
         self.seed, self.value_model_path = seed, value_model_path
+        self.exclusive = exclusive
         self.value_optim = value_optim or optim
         self.rank, self.world_size = 0, 1
         self.model = self.value = None  # DeepSpeed engines, built by init()
@@ -98,6 +103,7 @@ class LearnerWorker(WeightSender, Worker):
         value_path = (resolve_model(self.value_model_path or self.model_path, role="learner")
                       if self.with_value else None)
         self._init_distributed()
+        threads = self._set_threads()
         torch.manual_seed(self.seed)
         cfg = deepspeed_setup.ds_config(self.learner, self.optim, self.dtype)
         if self.learner.zero_stage == 3:
@@ -116,7 +122,22 @@ class LearnerWorker(WeightSender, Worker):
         self.device = self.model.device
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.module.parameters())
         return {"rank": self.rank, "world_size": self.world_size, "parameters": n_params,
-                "zero_stage": self.learner.zero_stage, "init_s": time.perf_counter() - t0}
+                "zero_stage": self.learner.zero_stage, "threads": threads,
+                "init_s": time.perf_counter() - t0}
+
+    def _set_threads(self) -> int:
+        """Torch's CPU threads (``learner.threads``). Ray caps an actor at the CPUs it
+        reserved (``OMP_NUM_THREADS``), often 1; when nothing else computes during training
+        the rank takes its share of the node's cores instead."""
+        if torch.cuda.is_available():
+            return torch.get_num_threads()
+        threads = self.learner.threads
+        if threads is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            threads = max(1, cores // local_ranks) if self.exclusive else max(1, int(self.learner.cpus_per_worker))
+        torch.set_num_threads(threads)
+        return threads
 
     def _init_distributed(self) -> None:
         import deepspeed
@@ -184,10 +205,15 @@ class LearnerWorker(WeightSender, Worker):
                                               num_tokens_global, num_seqs_global)
 
         def loss_fn(mb: ExperienceBatch):
-            values = self._values(self.value, mb) if self.value is not None else None
+            # logits only from the micro-batch's first response position on: the prompt
+            # prefix every row shares needs no vocabulary projection, softmax or entropy
+            start = mb.first_target_column()
+            values = self._values(self.value, mb)[:, start:] if self.value is not None else None
             with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
-                logits = self._forward(self.model, mb).logits
-            losses, stats = loss_terms.ppo_terms(logits, values, mb, settings, n_tok, n_seq, real_tok)
+                logits = self._forward(self.model, mb, keep_from=start).logits
+            window = mb.from_column(start)
+            losses, stats = loss_terms.ppo_terms(logits, values, window, settings, n_tok, n_seq, real_tok)
+            stats["perf/tokens"] = mb.attention_mask.sum()  # of the whole micro-batch
             return (losses if train_policy else losses[1:]), stats
 
         engines = self._named_engines() if train_policy else [(self.value, "value")]
@@ -306,8 +332,14 @@ class LearnerWorker(WeightSender, Worker):
         """(B, T-1) fp32 next-token log-probs of ``softmax(logits / temperature)``, no grad
         (0 beyond each micro-batch's width)."""
         self._need("causal_lm", "forward_logprobs")
-        return self._infer(self.model, batch, lambda mb: token_logprobs(
-            self._forward(self.model, mb).logits / temperature, mb.input_ids), shift=1)
+
+        def logprobs(mb: SequenceBatch) -> torch.Tensor:
+            start = mb.first_target_column()  # the shared prompt prefix: log-probs left 0
+            window = token_logprobs(self._forward(self.model, mb, keep_from=start).logits / temperature,
+                                    mb.input_ids[:, start:])
+            return torch.nn.functional.pad(window, (start, 0))
+
+        return self._infer(self.model, batch, logprobs, shift=1)
 
     def forward_values(self, batch: SequenceBatch):
         """(B, T-1) fp32 values: entry j is the value of the state before token j+1."""
@@ -341,13 +373,16 @@ class LearnerWorker(WeightSender, Worker):
                     row += len(micro[i])
         return out
 
-    def _forward(self, engine, mb: SequenceBatch):
+    def _forward(self, engine, mb: SequenceBatch, keep_from: int = 0):
+        """The model's output on ``mb``; ``keep_from``: logits only at positions
+        ``keep_from..T-1`` (a causal LM's ``logits_to_keep``), (B, T - keep_from, V)."""
+        keep = {"logits_to_keep": mb.input_ids.shape[1] - keep_from} if keep_from else {}
         if mb.document_ids is None:
-            return engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+            return engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **keep)
         # Packed rows: every example sees only itself, at its own positions, as if alone.
         mask = block_causal_mask(mb.document_ids, getattr(torch, self.dtype))
         return engine(input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids,
-                      use_cache=False)
+                      use_cache=False, **keep)
 
     def _values(self, engine, mb: SequenceBatch):
         return self._forward(engine, mb).logits.squeeze(-1)[:, :-1].float()

@@ -362,3 +362,47 @@ def test_ppo_terms_with_gspo_dr_grpo_and_an_entropy_bonus_sum_to_the_full_batch(
         model(mb.input_ids), None, mb, settings, real_tokens, float(len(batch)), real_tokens))
     assert close(losses[0], want)
     assert torch.allclose(grads(model), want_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_ppo_terms_on_the_response_window_equal_the_full_width():
+    """The learner computes logits only from the micro-batch's first response position on
+    (``logits_to_keep``) and hands the loss terms the same window of the batch
+    (``from_column``): the losses, stats and gradients are those of the full width."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, pad_token_id=PAD)).to(DT)
+    base = sequences([4, 3, 6], [2, 5, 1], seed=3)
+    g = torch.Generator().manual_seed(3)
+    noise = lambda s: s * torch.randn(base.response_mask.shape, generator=g, dtype=DT) * base.response_mask  # noqa: E731
+    with torch.no_grad():
+        current = torch.log_softmax(model(base.input_ids, attention_mask=base.attention_mask).logits[:, :-1], -1)
+        current = current.gather(-1, base.input_ids[:, 1:, None]).squeeze(-1)
+    batch = ExperienceBatch(base.input_ids, base.attention_mask, base.loss_mask,
+                            old_logprobs=current + noise(0.5), ref_logprobs=current + noise(0.3),
+                            advantages=noise(1.0), returns=noise(1.0), old_values=noise(1.0))
+    start = batch.first_target_column()
+    assert start == 2  # the shortest prompt has 3 tokens: position 2 predicts its first response token
+    weights = torch.randn(VOCAB, dtype=DT, requires_grad=True)
+    settings = PPOLossSettings(kl_coef=0.1, entropy_coef=0.01)
+    n_tok, real = float(batch.response_mask.sum()), float(batch.response_mask.sum())
+    results = []
+    for keep_from in (0, start):
+        model.zero_grad()
+        weights.grad = None
+        keep = {"logits_to_keep": batch.input_ids.shape[1] - keep_from} if keep_from else {}
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask, **keep).logits
+        assert logits.shape[1] == batch.input_ids.shape[1] - keep_from
+        values = critic(batch, weights)[:, keep_from:]
+        losses, stats = ppo_terms(logits, values, batch.from_column(keep_from), settings, n_tok, len(batch), real)
+        sum(losses).backward()
+        results.append((losses, stats, torch.cat([grads(model), weights.grad])))
+    (full_losses, full_stats, full_grads), (win_losses, win_stats, win_grads) = results
+    for a, b in zip(full_losses, win_losses):
+        assert close(a, b)
+    for key, value in full_stats.items():
+        if key != "perf/tokens":  # the learner counts the whole micro-batch's tokens itself
+            assert stat_close(value, win_stats[key]), key
+    assert torch.allclose(full_grads, win_grads, rtol=1e-9, atol=1e-12)

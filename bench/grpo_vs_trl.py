@@ -1,0 +1,228 @@
+"""GRPO end to end: rlhf-ray against TRL's GRPOTrainer, same settings, same run.
+
+    .venv/bin/python bench/grpo_vs_trl.py                       # SmolLM2-135M fp32, 8 prompts x 4, 64 tokens
+    .venv/bin/python bench/grpo_vs_trl.py --steps 4 --variants before,threads,staleness1
+
+Both sides train the same model on the same prompts (Alpaca-templated arithmetic, the same
+text, so the same tokens) with the same group size, ``max_new_tokens``, temperature 1,
+learning rate, beta (a k3 KL term in the loss against the frozen start model, TRL's form),
+one optimizer step per batch of ``prompts x n`` completions, fp32, and the arithmetic
+checker as the reward. TRL generates with plain ``generate`` (its default; vLLM is not
+carried to CPU machines by TRL).
+
+Timing: the wall time of each training step, its median over the steps after the first
+(warm-up); completions/s = completions per step / median step time. rlhf-ray: ``perf/step_s``
+from ``history.jsonl`` (collect + advantages + train + sync), with its parts
+(``perf/gen_s``, ``perf/train_s``, ``perf/sync_s``, ``perf/score_s``); TRL: a callback around
+each step (generation happens inside it). Start-up is left out on both sides.
+
+rlhf-ray variants (each a subprocess with its own local Ray, run one after another):
+
+- ``before``: ``learner.threads=1`` and ``chunk_size=4``: the learner thread count an actor
+  with 1 reserved CPU got before ``learner.threads``, and the issue's chunking;
+- ``threads``: ``learner.threads`` at its default (the node's cores: nothing else computes
+  during an on-policy step's training);
+- ``chunk8``: ``threads`` plus all 8 prompts of a step in one generate call;
+- ``staleness1``: ``threads`` with ``max_staleness=1`` (generation overlaps training, so the
+  learner keeps its reserved CPU: ``learner.threads`` defaults to ``cpus_per_worker``);
+- ``bf16``: ``chunk8`` with the learner in bf16 (rollouts and reference stay fp32; the
+  rollout correction covers the mismatch, logged as ``rollout/mismatch_*``).
+
+Prints a table with each ratio to TRL, writes JSON to ``--out`` and a stacked-bar plot of
+the step time split into generation, training, sync and the rest to ``--plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "before": ["learner.threads=1", "chunk_size=4"],
+    "threads": ["chunk_size=4"],
+    "chunk8": ["chunk_size=8"],
+    "staleness1": ["chunk_size=4", "max_staleness=1"],
+    "bf16": ["chunk_size=8", "model.dtype=bfloat16", "rollout.dtype=float32", "reference.dtype=float32"],
+}
+
+
+def settings(args) -> dict:
+    return {"model": "smollm2-135m-instruct", "dtype": "float32", "prompts_per_step": args.prompts,
+            "n": args.n, "max_new_tokens": args.max_new_tokens, "lr": args.lr, "beta": args.beta,
+            "steps": args.steps}
+
+
+def load_prompts(n_rows: int):
+    from rlhf_ray.assets import resolve_model
+    from rlhf_ray.config import DataConfig
+    from rlhf_ray.data import load_tokenizer
+    from rlhf_ray.driver.prompts import load_prompts as load
+
+    model = resolve_model("smollm2-135m-instruct", role="policy")
+    data = DataConfig(source="arithmetic", format="prompt", template="alpaca", num_rows=n_rows)
+    return model, load(data, load_tokenizer(model), 512, "train")
+
+
+# --------------------------------------------------------------------------- TRL
+
+
+def bench_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf_ray.data.checkers import check_arithmetic
+
+    model_path, prompts = load_prompts(args.rows)
+    # the same prompts in the same order as rlhf-ray's steps walk them
+    rows = [{"prompt": p.text, "answer": p.answer} for p in prompts[: args.prompts * args.steps]]
+
+    def reward(prompts, completions, answer, **_):
+        return [check_arithmetic(c, a) for c, a in zip(completions, answer)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self._t = [], 0.0
+
+        def on_step_begin(self, *_, **__):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.seconds.append(time.perf_counter() - self._t)
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.n,
+                            num_generations=args.n, max_completion_length=args.max_new_tokens,
+                            learning_rate=args.lr, beta=args.beta, temperature=1.0, max_steps=args.steps,
+                            gradient_accumulation_steps=1, num_iterations=1, logging_steps=1,
+                            report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False,
+                            seed=0, dataloader_num_workers=0, shuffle_dataset=False,
+                            disable_dropout=True, log_completions=False)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer.padding_side = "left"
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
+                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                              callbacks=[timer])
+        trainer.train()
+    return summarize(timer.seconds, args.prompts * args.n, {"threads": torch.get_num_threads()})
+
+
+# --------------------------------------------------------------------------- rlhf-ray
+
+
+def bench_ours(args, name: str, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / name
+        command = [sys.executable, "-m", "rlhf_ray.cli", "ppo", str(ROOT / "bench" / "grpo_bench.yaml"),
+                   f"run_dir={run_dir}", f"steps={args.steps}", f"prompts_per_step={args.prompts}",
+                   f"sampling.n={args.n}", f"sampling.max_new_tokens={args.max_new_tokens}",
+                   f"optim.lr={args.lr}", f"kl.coef={args.beta}", f"data.num_rows={args.rows}", *overrides]
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+        t0 = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"rlhf-ray {name} failed:\n{done.stderr[-4000:]}")
+        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        summary = json.loads((run_dir / "summary.json").read_text())
+    parts = {key: statistics.median(h[key] for h in history[1:] or history)
+             for key in ("perf/gen_s", "perf/train_s", "perf/sync_s", "perf/score_s")}
+    extra = {"overrides": overrides, "parts_median_s": parts, "wall_s": time.perf_counter() - t0,
+             "learner_threads": summary.get("learner", {}).get("threads")}
+    return summarize([h["perf/step_s"] for h in history], args.prompts * args.n, extra)
+
+
+def summarize(step_seconds: list[float], completions: int, extra: dict) -> dict:
+    timed = step_seconds[1:] or step_seconds
+    median = statistics.median(timed)
+    return {"step_s": step_seconds, "median_step_s": median, "completions_per_s": completions / median,
+            **extra}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(names):
+        r = results[name]
+        if "parts_median_s" not in r:
+            ax.bar(i, r["median_step_s"], color="grey", label="TRL step (generate + train)" if i == 0 else None)
+            continue
+        parts = r["parts_median_s"]
+        bottom = 0.0
+        for key, color, label in (("perf/gen_s", "tab:blue", "generation + scoring wait"),
+                                  ("perf/train_s", "tab:orange", "training"),
+                                  ("perf/sync_s", "tab:green", "weight sync")):
+            ax.bar(i, parts[key], bottom=bottom, color=color, label=label if i == 1 else None)
+            bottom += parts[key]
+        rest = max(r["median_step_s"] - bottom, 0.0)
+        ax.bar(i, rest, bottom=bottom, color="tab:purple", label="advantages, other" if i == 1 else None)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("median seconds per step")
+    ax.set_title("GRPO step time: rlhf-ray variants vs TRL GRPOTrainer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--rows", type=int, default=400)
+    ap.add_argument("--variants", default="before,threads,chunk8,staleness1",
+                    help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "grpo_vs_trl.json"))
+    ap.add_argument("--plot", default=str(ROOT / "bench" / "results" / "grpo_vs_trl.png"))
+    args = ap.parse_args()
+
+    results: dict[str, dict] = {}
+    if not args.skip_trl:
+        print("TRL GRPOTrainer ...", flush=True)
+        results["trl"] = bench_trl(args)
+    for name in args.variants.split(","):
+        print(f"rlhf-ray {name} ...", flush=True)
+        results[name] = bench_ours(args, name, VARIANTS[name])
+
+    base = results.get("trl")
+    print(f"\n{'run':<12} {'median step s':>14} {'completions/s':>14} {'vs TRL':>8}")
+    for name, r in results.items():
+        ratio = r["completions_per_s"] / base["completions_per_s"] if base else float("nan")
+        r["ratio_vs_trl"] = ratio
+        print(f"{name:<12} {r['median_step_s']:>14.1f} {r['completions_per_s']:>14.3f} {ratio:>7.2f}x")
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores", "settings": settings(args), "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    plot(results, Path(args.plot))
+    print(f"\nwrote {args.out} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
