@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 RUN_DIR ?= runs/quickstart
 
-.PHONY: setup demo test test-slow lint
+.PHONY: setup demo test test-slow lint bench
 
 setup:
 	bash launch/setup.sh
@@ -22,3 +22,10 @@ test-slow:
 
 lint:
 	.venv/bin/ruff check rlhf_ray tests
+
+# speed against a peer measured in the same run (bench/RESULTS.md); about 30 minutes on 2 cores
+bench:
+	$(PY) bench/learner_throughput.py
+	$(PY) bench/rollout_throughput.py
+	$(PY) bench/grpo_vs_trl.py --variants before,chunk8
+	$(PY) bench/reward_endpoint.py
