@@ -99,8 +99,6 @@ def save(learners: Any, run_dir: str | Path, state: JobState, keep_last: int) ->
     ``step_<N>.partial``, which is then renamed to ``step_<N>``; all but the newest
     ``keep_last`` checkpoints are pruned."""
     path, partial = step_dir(run_dir, state.step), partial_dir(run_dir, state.step)
-    if path.exists():
-        shutil.rmtree(path)  # a step saved again (a run resumed from before it)
     for unfinished in set(checkpoints_dir(run_dir).glob(f"{PREFIX}*")) - set(complete_checkpoints(run_dir)):
         shutil.rmtree(unfinished, ignore_errors=True)  # saves a kill interrupted
     previous = latest(run_dir)
@@ -108,7 +106,13 @@ def save(learners: Any, run_dir: str | Path, state: JobState, keep_last: int) ->
         partial.mkdir(parents=True)
         learners.call("save_checkpoint", str(partial), "state", {"step": state.step})
         write_json_atomic(partial / STATE_FILE, dataclasses.asdict(state))
-        partial.rename(path)
+        if path.exists():  # the same step saved again: the old copy goes only once the new one is whole
+            replaced = path.with_name(path.name + ".replaced")
+            path.rename(replaced)
+            partial.rename(path)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            partial.rename(path)
     except OSError as e:  # a full disk, a quota: the previous checkpoint is untouched
         shutil.rmtree(partial, ignore_errors=True)
         kept = (f"the previous checkpoint {previous} is intact; resume=auto continues from it"

@@ -167,6 +167,7 @@ class EpisodeStream:
         self.max_requeues = max_requeues
         self.queue: deque[PromptChunk] = deque()
         self.inflight: dict = {}  # ObjectRef -> (kind, chunk, rank), oldest first
+        self._sent_to: dict = {}  # ObjectRef -> the actor handle it went to (a rank may be replaced)
         self.load = [0] * len(rollouts)
         self.done: dict[int, list[PromptChunk]] = {}  # step -> its scored chunks
         self.expected: dict[int, int] = {}  # step -> prompts submitted for it, until collected
@@ -224,7 +225,7 @@ class EpisodeStream:
 
     def _dispatch(self) -> None:
         while self.queue and self.load:
-            usable = [r for r in range(len(self.load)) if r not in self.down
+            usable = [r for r in range(len(self.load)) if r not in self.down and r not in self.rollouts.dead
                       and (self.draining is None or r < self.draining)]
             if not usable:
                 return
@@ -235,6 +236,7 @@ class EpisodeStream:
             ref = self.rollouts.submit(rank, "generate", chunk.ids, self.sampling, chunk.indices,
                                        chunk.answers, chunk.texts)
             self.inflight[ref] = ("generate", chunk, rank)
+            self._sent_to[ref] = self.rollouts.workers[rank]
             self.load[rank] += 1
 
     # ------------------------------------------------------------------ progress
@@ -256,14 +258,19 @@ class EpisodeStream:
         ready, rest = ray.wait(refs, num_returns=1, timeout=hang_s or timeout_s)
         if not ready:
             kind, _, rank = self.inflight[refs[0]]
+            group = self._role(kind)
             if hang_s:
-                self._recover(kind, rank, WorkerError(
-                    self._role(kind).role, rank, self._role(kind)._node(rank),
+                self._recover(kind, rank, refs[0], WorkerError(
+                    group.role, rank, group._node(rank),
                     f"'{kind}' hung: no call of the stream finished in {hang_s:.0f} s "
                     "(faults.hang_timeout_s)", died=True))
                 return
-            self._role(kind).get([refs[0]], [rank], kind)  # raises WorkerError if still stuck
-            ready, rest = [refs[0]], refs[1:]
+            ready, _ = ray.wait(refs[:1], num_returns=1, timeout=group.timeout_s)
+            if not ready:
+                raise WorkerError(group.role, rank, group._node(rank),
+                                  f"'{kind}' timed out after {timeout_s + group.timeout_s:.0f} s",
+                                  timed_out=True)
+            rest = refs[1:]
         if rest:  # everything else that is done by now, in submission order
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             done = set(ready) | set(more)
@@ -279,9 +286,10 @@ class EpisodeStream:
         except WorkerError as e:
             if self.supervisor is None or not e.died:
                 raise
-            self._recover(kind, rank, e)
+            self._recover(kind, rank, ref, e)
             return
         del self.inflight[ref]
+        self._sent_to.pop(ref, None)
         if kind == "generate":
             self.load[rank] -= 1
             if len(result) != len(chunk.slots) * self.sampling.n:
@@ -318,27 +326,42 @@ class EpisodeStream:
 
     def _submit_scoring(self, kind: str, chunk: PromptChunk, replica: int) -> None:
         args = (chunk.episodes,) if kind == "score" else (chunk.episodes, self.sampling.temperature)
-        self.inflight[self._role(kind).submit(replica, kind, *args)] = (kind, chunk, replica)
+        group = self._role(kind)
+        ref = group.submit(replica, kind, *args)
+        self.inflight[ref] = (kind, chunk, replica)
+        self._sent_to[ref] = group.workers[replica]
 
     # ------------------------------------------------------------------ faults
 
-    def _recover(self, kind: str, rank: int, error: WorkerError) -> None:
-        """Worker ``rank`` of ``kind``'s role died (or hung): hand back everything it held,
-        let live workers take it, replace the worker, then give the rest to the new one."""
+    def _recover(self, kind: str, rank: int, ref, error: WorkerError) -> None:
+        """The worker that call ``ref`` went to (``rank`` of ``kind``'s role) died or hung:
+        hand back everything it held, let live workers take it, replace the worker, then
+        give the rest to the new one. Should the rank have been replaced meanwhile (the
+        death was first seen by a weight sync or an evaluation), its calls are only handed
+        back: the new worker is healthy and is not replaced again."""
         group = self._role(kind)
-        lost = [(ref, chunk) for ref, (k, chunk, r) in self.inflight.items() if k == kind and r == rank]
-        for ref, _ in lost:
-            del self.inflight[ref]
+        dead = self._sent_to.get(ref)
+        replaced = dead is not None and group.workers[rank] is not dead
+        lost = [(r, chunk) for r, (k, chunk, rk) in self.inflight.items()
+                if k == kind and rk == rank and self._sent_to.get(r) is dead]
+        for r, _ in lost:
+            del self.inflight[r]
+            self._sent_to.pop(r, None)
+        if replaced:
+            group.dead.discard(rank)  # the failed call marked the rank; its new worker is fine
         chunks = [chunk for _, chunk in lost]
         if kind == "generate":
             # whole prompt groups back to the front, in their order; nothing of them counted yet
-            self.load[rank] = 0
-            self.down.add(rank)
+            self.load[rank] -= len(chunks)
             for chunk in reversed(chunks):
                 self.queue.appendleft(chunk)
             prompts = sum(len(c.slots) for c in chunks)
             self._ledger.prompts_requeued_fault += prompts
             self.supervisor.requeued_prompts += prompts
+            if replaced:
+                self._dispatch()
+                return
+            self.down.add(rank)
             self._dispatch()  # live workers start on them while the dead one is replaced
             try:
                 self.supervisor.replace(group, rank, error)  # + the current weights
@@ -346,11 +369,13 @@ class EpisodeStream:
                 self.down.discard(rank)
             self._dispatch()
             return
-        live = [r for r in range(len(group)) if r != rank and r not in group.dead]
         self._ledger.calls_retried_fault += len(chunks)
         self.supervisor.retried_calls += len(chunks)
+        live = [r for r in range(len(group)) if (r != rank or replaced) and r not in group.dead]
         for i, chunk in enumerate(chunks if live else []):
             self._submit_scoring(kind, chunk, live[i % len(live)])
+        if replaced:
+            return
         self.supervisor.replace(group, rank, error)
         for chunk in chunks if not live else []:  # one replica: the stream waited for it
             self._submit_scoring(kind, chunk, rank)

@@ -84,23 +84,30 @@ class Supervisor:
         if self.groups.get(role) is not group or role not in REPLACEABLE:
             raise error
         detected = time.time()
-        now = time.monotonic()
-        recent = [t for t in self._times.get(role, []) if now - t <= self.faults.window_s]
-        if len(recent) >= self.faults.max_restarts:
-            raise FaultBudgetError(
-                f"{role} worker rank {rank} failed ({error.cause}) and the restart budget is spent: "
-                f"{len(recent)} {role} restart(s) within the last {self.faults.window_s:.0f} s "
-                f"({self.restarts[role]} in the whole run), faults.max_restarts={self.faults.max_restarts}; "
-                f"stopping. Fix the cause, or raise faults.max_restarts / lower faults.window_s") from error
         old_pid = group.infos[rank]["pid"] if rank < len(group.infos) else None
-        print(f"faults: {role} worker rank {rank} (pid {old_pid}, {error.node}) failed: {error.cause}; "
-              f"replacing it", file=sys.stderr, flush=True)
-        info = group.replace(rank)
-        hook = self._after_restart.get(role)
-        if hook is not None:
-            hook(rank)  # e.g. the current weights, before it gets any work
-        self._times[role] = [*recent, now]
-        self.restarts[role] = self.restarts.get(role, 0) + 1
+        while True:  # a replacement that dies while it is readied counts, and is replaced too
+            now = time.monotonic()
+            recent = [t for t in self._times.get(role, []) if now - t <= self.faults.window_s]
+            if len(recent) >= self.faults.max_restarts:
+                raise FaultBudgetError(
+                    f"{role} worker rank {rank} failed ({error.cause}) and the restart budget is spent: "
+                    f"{len(recent)} {role} restart(s) within the last {self.faults.window_s:.0f} s "
+                    f"({self.restarts[role]} in the whole run), faults.max_restarts={self.faults.max_restarts}; "
+                    f"stopping. Fix the cause, or raise faults.max_restarts / lower faults.window_s") from error
+            print(f"faults: {role} worker rank {rank} (pid {old_pid}, {error.node}) failed: {error.cause}; "
+                  f"replacing it", file=sys.stderr, flush=True)
+            self._times[role] = [*recent, now]
+            self.restarts[role] = self.restarts.get(role, 0) + 1
+            try:
+                info = group.replace(rank)
+                hook = self._after_restart.get(role)
+                if hook is not None:
+                    hook(rank)  # e.g. the current weights, before it gets any work
+                break
+            except WorkerError as e:
+                if e.role != role or not e.died:
+                    raise
+                error, old_pid = e, (group.infos[rank]["pid"] if rank < len(group.infos) else None)
         event = {"role": role, "rank": rank, "old_pid": old_pid, "new_pid": info["pid"],
                  "node": info["ip"], "cause": error.cause, "detected_at": detected,
                  "recovered_at": time.time(), "recover_s": round(time.time() - detected, 3)}

@@ -124,7 +124,8 @@ def run(cfg: PPOConfig) -> dict:
                 stream.submit(prompts_for_step(train_prompts, step + cfg.max_staleness + 1,
                                                cfg.prompts_per_step), cfg.chunk_size,
                               step=step + cfg.max_staleness + 1)
-            metrics.update(scaling.apply(control, workers.rollouts, stream, workers.sync, version))
+            metrics.update(supervisor.retrying(workers.rollouts, lambda v=version: scaling.apply(
+                control, workers.rollouts, stream, workers.sync, v)))
             supervisor.write_workers()
             # the episode ledger: every prompt and episode accounted for (rollout/ledger_*),
             # and what faults cost (faults/*)

@@ -194,7 +194,9 @@ class WorkerGroup:
                              "(at least one must stay)")
         if n == 0:
             return
-        self._stop(list(range(len(self.workers) - n, len(self.workers))))
+        gone = list(range(len(self.workers) - n, len(self.workers)))
+        self._stop(gone)
+        self.dead.difference_update(gone)
         del self.workers[-n:]
         del self.nodes[-n:]
         del self.infos[-n:]
@@ -251,14 +253,16 @@ class WorkerGroup:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         pending = list(refs)
+        results: list = [None] * len(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 rank = ranks[refs.index(pending[0])]
                 raise WorkerError(self.role, rank, self._node(rank),
                                   f"'{what}' timed out after {timeout_s:.0f} s", timed_out=True)
-            self._result(ready[0], ranks[refs.index(ready[0])], what)  # raises if it failed
-        return [self._result(ref, rank, what) for ref, rank in zip(refs, ranks)]
+            i = refs.index(ready[0])
+            results[i] = self._result(ready[0], ranks[i], what)  # raises if it failed
+        return results
 
     def _result(self, ref: ray.ObjectRef, rank: int, what: str) -> Any:
         try:

@@ -270,3 +270,27 @@ def test_draining_ranks_get_no_new_chunks_and_become_idle(roles, prompts):
     assert stream.draining is None and len(stream.load) == 1
     stream.grow()  # and the worker is still there in the shared group: back to two
     finish(stream, 8 * N)
+
+
+def test_a_worker_replaced_outside_the_stream_is_not_replaced_again(roles, prompts):
+    """With staleness, a weight sync or an evaluation may be the first to see a rollout worker
+    dead and replace it while the stream still holds calls sent to the dead one: those are
+    handed back (generated again on a live worker) without a second restart of the rank."""
+    import os
+    import signal
+
+    from rlhf_ray.config import FaultsConfig
+    from rlhf_ray.driver.supervisor import Supervisor
+
+    rollouts, reward, reference = roles
+    supervisor = Supervisor(FaultsConfig(max_restarts=1))
+    supervisor.watch(rollouts)
+    stream = EpisodeStream(rollouts, reward, reference, SAMPLING, supervisor=supervisor)
+    stream.submit(prompts[0:4], 1, step=0)
+    os.kill(rollouts.pid(1), signal.SIGKILL)
+    supervisor.retrying(rollouts, lambda: rollouts.call("health"))  # what a sync would do
+    assert supervisor.restarts["rollout"] == 1
+    assert_step(stream.collect(0, timeout_s=300), prompts[0:4])
+    assert supervisor.restarts["rollout"] == 1 and not rollouts.dead  # no second restart
+    ledger = finish(stream, 4 * N)
+    assert ledger.prompts_requeued_fault >= 1 and ledger.generated == ledger.collected == 4 * N
