@@ -333,13 +333,8 @@ class LearnerWorker(WeightSender, Worker):
         (0 beyond each micro-batch's width)."""
         self._need("causal_lm", "forward_logprobs")
 
-        def logprobs(mb: SequenceBatch) -> torch.Tensor:
-            start = mb.first_target_column()  # the shared prompt prefix: log-probs left 0
-            window = token_logprobs(self._forward(self.model, mb, keep_from=start).logits / temperature,
-                                    mb.input_ids[:, start:])
-            return torch.nn.functional.pad(window, (start, 0))
-
-        return self._infer(self.model, batch, logprobs, shift=1)
+        return self._infer(self.model, batch, lambda mb: token_logprobs(
+            self._forward(self.model, mb).logits / temperature, mb.input_ids), shift=1)
 
     def forward_values(self, batch: SequenceBatch):
         """(B, T-1) fp32 values: entry j is the value of the state before token j+1."""
