@@ -118,16 +118,16 @@ class Supervisor:
         self.write_workers()
         return event
 
-    def retrying(self, group: WorkerGroup | None, call: Callable[[], object]) -> object:
-        """Run ``call`` (a sync, an evaluation); if a worker of ``group`` dies meanwhile,
-        replace it and run ``call`` again."""
+    def retrying(self, call: Callable[[], object]) -> object:
+        """Run ``call`` (a sync, an evaluation, a scaling step); if a worker of a supervised,
+        replaceable role dies meanwhile, replace it and run ``call`` again."""
         while True:
             try:
                 return call()
             except WorkerError as e:
-                if group is None or e.role != group.role or not e.died:
+                if not e.died or e.role not in REPLACEABLE or e.role not in self.groups:
                     raise
-                self.replace(group, e.rank, e)
+                self.replace(self.groups[e.role], e.rank, e)
 
     # ------------------------------------------------------------------ reporting
 

@@ -98,10 +98,9 @@ def run(cfg: PPOConfig) -> dict:
 
         def evaluate() -> dict[str, float]:
             with run.phase("eval"):
-                return supervisor.retrying(workers.rollouts, lambda: supervisor.retrying(
-                    workers.reward, lambda: heldout_score(workers.rollouts, workers.reward, eval_prompts,
-                                                          cfg.sampling.max_new_tokens, cfg.sampling,
-                                                          cfg.eval_samples)))
+                return supervisor.retrying(lambda: heldout_score(
+                    workers.rollouts, workers.reward, eval_prompts, cfg.sampling.max_new_tokens,
+                    cfg.sampling, cfg.eval_samples))
 
         run.log(evaluate(), version)
         # 2. queue the first max_staleness + 1 steps; `rlhf-ray scale` may resize the rollouts
@@ -124,7 +123,7 @@ def run(cfg: PPOConfig) -> dict:
                 stream.submit(prompts_for_step(train_prompts, step + cfg.max_staleness + 1,
                                                cfg.prompts_per_step), cfg.chunk_size,
                               step=step + cfg.max_staleness + 1)
-            metrics.update(supervisor.retrying(workers.rollouts, lambda v=version: scaling.apply(
+            metrics.update(supervisor.retrying(lambda v=version: scaling.apply(
                 control, workers.rollouts, stream, workers.sync, v)))
             supervisor.write_workers()
             # the episode ledger: every prompt and episode accounted for (rollout/ledger_*),
@@ -269,7 +268,7 @@ def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, worker
     train_s = time.perf_counter() - t_train
     stream.ledger.record_trained(len(episodes))
     # e. new weights to the rollout workers
-    sync_metrics = supervisor.retrying(workers.rollouts, lambda: workers.sync.sync(version + 1))
+    sync_metrics = supervisor.retrying(lambda: workers.sync.sync(version + 1))
     kl.update(adv_metrics.get("kl/mean", 0.0), len(episodes))
     step_s = time.perf_counter() - t_step
     tokens = sum(len(e.response_ids) for e in episodes)

@@ -94,6 +94,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _describe(info: dict) -> str:
+    """A worker's node as error messages name it: ip (host, pid)."""
+    return f"{info['ip']} ({info['host']}, pid {info['pid']})"
+
+
 def _cause(error: BaseException) -> str:
     """The innermost readable cause of a Ray error."""
     if isinstance(error, ray.exceptions.RayTaskError):
@@ -168,7 +173,7 @@ class WorkerGroup:
             raise
         self.workers.extend(new)
         self.infos.extend(infos)
-        self.nodes.extend(f"{info['ip']} ({info['host']}, pid {info['pid']})" for info in infos)
+        self.nodes.extend(_describe(info) for info in infos)
         if self.distributed:
             self._rendezvous(infos[0] if start == 0 else None)
         return ranks
@@ -216,7 +221,7 @@ class WorkerGroup:
             ray.kill(handle, no_restart=True)
             raise
         self.workers[rank], self.infos[rank] = handle, info
-        self.nodes[rank] = f"{info['ip']} ({info['host']}, pid {info['pid']})"
+        self.nodes[rank] = _describe(info)
         self.dead.discard(rank)
         return info
 

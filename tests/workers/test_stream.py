@@ -288,7 +288,7 @@ def test_a_worker_replaced_outside_the_stream_is_not_replaced_again(roles, promp
     stream = EpisodeStream(rollouts, reward, reference, SAMPLING, supervisor=supervisor)
     stream.submit(prompts[0:4], 1, step=0)
     os.kill(rollouts.pid(1), signal.SIGKILL)
-    supervisor.retrying(rollouts, lambda: rollouts.call("health"))  # what a sync would do
+    supervisor.retrying(lambda: rollouts.call("health"))  # what a sync would do
     assert supervisor.restarts["rollout"] == 1
     assert_step(stream.collect(0, timeout_s=300), prompts[0:4])
     assert supervisor.restarts["rollout"] == 1 and not rollouts.dead  # no second restart
