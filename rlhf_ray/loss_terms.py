@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_ray.advantages import kl_estimate
 from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
+from rlhf_ray.experience import rollout_correction
 from rlhf_ray.losses import (
     dpo_loss,
     entropy_bonus_loss,
@@ -54,6 +56,13 @@ class PPOLossSettings:
     policy_loss: ``ppo`` (token ratios) or ``gspo`` (one length-normalised ratio per sequence,
         :func:`rlhf_ray.losses.gspo_policy_loss`).
     entropy_coef: weight of the entropy bonus (0: the entropy is only reported).
+    rollout_correction, rollout_correction_cap, kl_metric_estimator: used only when the
+        micro-batch has no old log-probs and pi_old is this forward's own policy (one update
+        per batch, on-policy): the corrections the driver would otherwise apply before the
+        update are applied here, from the same log-probs. The advantages are weighted by
+        :func:`rlhf_ray.experience.rollout_correction` of pi_old against the rollouts'
+        log-probs (``"none"``: not weighted), and ``kl/mean`` (the per-episode KL to the
+        reference with ``kl_metric_estimator``, None: not reported) is added to the stats.
     """
 
     clip_eps: float = 0.2
@@ -67,6 +76,9 @@ class PPOLossSettings:
     norm_len: float | None = None
     policy_loss: str = "ppo"
     entropy_coef: float = 0.0
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
+    kl_metric_estimator: str | None = None
 
 
 def sft_terms(logits: torch.Tensor, mb: SequenceBatch, aggregation: str, num_tokens: float,
@@ -85,7 +97,7 @@ def sft_terms(logits: torch.Tensor, mb: SequenceBatch, aggregation: str, num_tok
 
 def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceBatch,
               settings: PPOLossSettings, num_tokens: float, num_seqs: float,
-              real_tokens: float) -> Terms:
+              real_tokens: float, num_rows: float | None = None) -> Terms:
     """Clipped policy loss (+ ``kl_coef`` * KL to the reference) and, with ``values``, the
     value loss of one micro-batch.
 
@@ -94,7 +106,7 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceB
     Missing old log-probs / old values mean on-policy (ratio 1, no clip).
     num_tokens / num_seqs: the loss normalisers of ``settings.aggregation``; real_tokens: the real
     global response-token count, which weights the token-mean stats (clip fractions,
-    entropy, value mean).
+    entropy, value mean); num_rows: the global row count, the denominator of ``kl/mean``.
     Returns ``[policy_loss]`` or ``[policy_loss, value_loss]`` (0-d each) and the stats.
     """
     agg = {"aggregation": settings.aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs,
@@ -104,14 +116,20 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceB
     if settings.temperature != 1.0:
         logits = logits / settings.temperature
     logprobs = token_logprobs(logits, mb.input_ids)
-    old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+    advantages, stats = mb.advantages, {}
+    if mb.old_logprobs is None:  # pi_old is this very forward's policy: ratio 1
+        old = logprobs.detach()
+        advantages, stats = _pi_old_corrections(old, mb, settings, share, num_seqs, num_rows)
+    else:
+        old = mb.old_logprobs
     policy_loss = gspo_policy_loss if settings.policy_loss == "gspo" else ppo_policy_loss
-    loss, m = policy_loss(logprobs, old, mb.advantages, mask, settings.clip_eps,
+    loss, m = policy_loss(logprobs, old, advantages, mask, settings.clip_eps,
                           settings.clip_eps_high, settings.dual_clip, **agg)
-    stats = {"policy/loss": loss, **{f"policy/{k}": v * share for k, v in m.items()}}
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits[:, :-1].float())
-        stats["policy/entropy"] = masked_sum(entropy, mask) / real_tokens
+    stats.update({"policy/loss": loss, **{f"policy/{k}": v * share for k, v in m.items()}})
+    with torch.no_grad():  # one row at a time: no (B, T, V) fp32 temporaries
+        entropy = torch.stack([masked_sum(entropy_from_logits(row[:-1].float()), row_mask)
+                               for row, row_mask in zip(logits, mask)])
+        stats["policy/entropy"] = entropy.sum() / real_tokens
     if settings.entropy_coef:
         loss = loss + settings.entropy_coef * entropy_bonus_loss(logits[:, :-1], mask, **agg)
     if mb.ref_logprobs is not None:
@@ -128,6 +146,30 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceB
                       "value/mean": vm["values_mean"] * share})
     stats["perf/tokens"] = mb.attention_mask.sum()
     return losses, stats
+
+
+def _pi_old_corrections(old: torch.Tensor, mb: ExperienceBatch, settings: PPOLossSettings,
+                        share: torch.Tensor, num_seqs: float, num_rows: float | None
+                        ) -> tuple[torch.Tensor, dict]:
+    """What the driver computes from pi_old before an update, computed here when pi_old is
+    the update's own forward (``old``, (B, T-1), detached): the advantages weighted by the
+    rollout correction, and the stats ``rollout/mismatch_kl``, ``rollout/is_weight_mean``,
+    ``rollout/is_clipped_frac`` and ``kl/mean``, weighted so that they sum to the whole
+    batch's values over micro-batches and ranks."""
+    mask = mb.response_mask
+    advantages, stats = mb.advantages, {}
+    if settings.rollout_correction != "none" and mb.rollout_logprobs is not None:
+        weights, m = rollout_correction(old, mb.rollout_logprobs, mask, settings.rollout_correction,
+                                        settings.rollout_correction_cap)
+        advantages = advantages * weights
+        # token means weigh by the micro-batch's tokens; mask's dropped share by its sequences
+        seqs = (mask.sum(-1) > 0).sum() / num_seqs
+        stats = {k: v * (seqs if k == "rollout/is_clipped_frac" and settings.rollout_correction == "mask"
+                         else share) for k, v in m.items()}
+    if settings.kl_metric_estimator is not None and mb.ref_logprobs is not None:
+        per_row = (kl_estimate(old, mb.ref_logprobs, settings.kl_metric_estimator) * mask).sum(-1)
+        stats["kl/mean"] = per_row.sum() / (num_rows or len(mb))
+    return advantages, stats
 
 
 def dpo_terms(logits: torch.Tensor, both: SequenceBatch, mb: PreferenceBatch, beta: float,

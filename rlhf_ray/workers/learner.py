@@ -189,7 +189,8 @@ class LearnerWorker(WeightSender, Worker):
                  train_policy: bool = True) -> dict:
         """One policy step (clipped PPO or GSPO surrogate, plus the KL loss with
         ``settings.kl_coef`` and the entropy bonus), and one value step when the learner has a
-        value model. ``old_logprobs=None`` means on-policy (ratio 1). ``train_policy=False``
+        value model. ``old_logprobs=None`` means on-policy: pi_old is this step's own
+        forward (ratio 1), and ``settings`` says which corrections to apply from it. ``train_policy=False``
         (critic warm-up) steps only the value model; the policy's metrics are still reported.
         ``settings``: see :class:`rlhf_ray.loss_terms.PPOLossSettings`."""
         self._need("causal_lm", "ppo_step")
@@ -203,6 +204,8 @@ class LearnerWorker(WeightSender, Worker):
             raise ValueError("learner.ppo_step: kl_coef > 0 needs batch.ref_logprobs")
         n_tok, n_seq, real_tok = self._counts(batch.response_mask.sum(), len(batch),
                                               num_tokens_global, num_seqs_global)
+        # kl/mean of a batch without old log-probs is a mean over every rank's rows
+        n_rows = self._all_reduce([float(len(batch))])[0] if batch.old_logprobs is None else None
 
         def loss_fn(mb: ExperienceBatch):
             # logits only from the micro-batch's first response position on: the prompt
@@ -212,7 +215,8 @@ class LearnerWorker(WeightSender, Worker):
             with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()):
                 logits = self._forward(self.model, mb, keep_from=start).logits
             window = mb.from_column(start)
-            losses, stats = loss_terms.ppo_terms(logits, values, window, settings, n_tok, n_seq, real_tok)
+            losses, stats = loss_terms.ppo_terms(logits, values, window, settings, n_tok, n_seq, real_tok,
+                                                  n_rows)
             stats["perf/tokens"] = mb.attention_mask.sum()  # of the whole micro-batch
             return (losses if train_policy else losses[1:]), stats
 
@@ -372,18 +376,27 @@ class LearnerWorker(WeightSender, Worker):
         """The model's output on ``mb``; ``keep_from``: logits only at positions
         ``keep_from..T-1`` (a causal LM's ``logits_to_keep``), (B, T - keep_from, V)."""
         keep = {"logits_to_keep": mb.input_ids.shape[1] - keep_from} if keep_from else {}
-        if mb.document_ids is None:
-            return engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **keep)
-        # Packed rows: every example sees only itself, at its own positions, as if alone.
-        mask = block_causal_mask(mb.document_ids, getattr(torch, self.dtype))
-        return engine(input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids,
-                      use_cache=False, **keep)
+        with self._autocast():
+            if mb.document_ids is None:
+                return engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                              use_cache=False, **keep)
+            # Packed rows: every example sees only itself, at its own positions, as if alone.
+            mask = block_causal_mask(mb.document_ids, getattr(torch, self.dtype))
+            return engine(input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids,
+                          use_cache=False, **keep)
 
     def _values(self, engine, mb: SequenceBatch):
         return self._forward(engine, mb).logits.squeeze(-1)[:, :-1].float()
 
     def _scores(self, engine, mb: SequenceBatch):
-        return sequence_scores(engine, mb.input_ids, mb.attention_mask)
+        with self._autocast():
+            return sequence_scores(engine, mb.input_ids, mb.attention_mask)
+
+    def _autocast(self):
+        """``learner.autocast``: bf16 matmuls over fp32 weights; the losses upcast what they
+        reduce (log-softmax, entropy, scores) to fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.learner.autocast == "bfloat16")
 
     # ------------------------------------------------------------------ weights
 

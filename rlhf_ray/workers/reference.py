@@ -19,11 +19,17 @@ def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_s
         chunk = episodes[start: start + micro_batch_size]
         batch = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
         batch = batch.to(model.device)
+        # logits only from the first position that predicts a response token (the shortest
+        # prompt's last token) on: the prompts need no vocabulary projection
+        start = min(len(e.prompt_ids) for e in chunk) - 1
+        width = batch.input_ids.shape[1]
         with torch.no_grad():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logprobs = token_logprobs(logits.float() / temperature, batch.input_ids).cpu()  # (B, T-1)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           use_cache=False, logits_to_keep=width - start).logits
+            # (B, width - start - 1): entry j scores token start + j + 1
+            logprobs = token_logprobs(logits.float() / temperature, batch.input_ids[:, start:]).cpu()
         for i, e in enumerate(chunk):
-            first = len(e.prompt_ids) - 1  # logprobs[:, j] scores token j+1
+            first = len(e.prompt_ids) - 1 - start
             out.append(logprobs[i, first: first + len(e.response_ids)].tolist())
     return out
 
