@@ -18,15 +18,19 @@ each step (generation happens inside it). Start-up is left out on both sides.
 
 rlhf-ray variants (each a subprocess with its own local Ray, run one after another):
 
-- ``before``: ``learner.threads=1`` and ``chunk_size=4``: the learner thread count an actor
-  with 1 reserved CPU got before ``learner.threads``, and the issue's chunking;
+- ``before``: ``learner.threads=1``, ``chunk_size=4`` and ``pi_old=recompute``: the learner
+  thread count an actor with 1 reserved CPU got before ``learner.threads``, the issue's
+  chunking, and a separate pi_old pass;
 - ``threads``: ``learner.threads`` at its default (the node's cores: nothing else computes
   during an on-policy step's training);
 - ``chunk8``: ``threads`` plus all 8 prompts of a step in one generate call;
 - ``staleness1``: ``threads`` with ``max_staleness=1`` (generation overlaps training, so the
   learner keeps its reserved CPU: ``learner.threads`` defaults to ``cpus_per_worker``);
-- ``bf16``: ``chunk8`` with the learner in bf16 (rollouts and reference stay fp32; the
-  rollout correction covers the mismatch, logged as ``rollout/mismatch_*``).
+- ``fused``: ``chunk8`` with pi_old taken from the update's own forward (``pi_old=auto``,
+  the default: one optimizer step per batch, KL in the loss), no separate pass;
+- ``autocast``: ``fused`` with the learner under bf16 autocast (fp32 weights and optimizer);
+- ``bf16``: ``autocast`` plus the reference and the vLLM rollouts in bf16 (the rollout
+  correction covers the rollout/learner mismatch, logged as ``rollout/mismatch_*``).
 
 Prints a table with each ratio to TRL, writes JSON to ``--out`` and a stacked-bar plot of
 the step time split into generation, training, sync and the rest to ``--plot``.
@@ -49,11 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
-    "before": ["learner.threads=1", "chunk_size=4"],
-    "threads": ["chunk_size=4"],
-    "chunk8": ["chunk_size=8"],
+    "before": ["learner.threads=1", "chunk_size=4", "pi_old=recompute"],
+    "threads": ["chunk_size=4", "pi_old=recompute"],
+    "chunk8": ["chunk_size=8", "pi_old=recompute"],
     "staleness1": ["chunk_size=4", "max_staleness=1"],
-    "bf16": ["chunk_size=8", "model.dtype=bfloat16", "rollout.dtype=float32", "reference.dtype=float32"],
+    "fused": ["chunk_size=8"],
+    "autocast": ["chunk_size=8", "learner.autocast=bfloat16"],
+    "bf16": ["chunk_size=8", "learner.autocast=bfloat16", "reference.dtype=bfloat16", "rollout.dtype=bfloat16"],
 }
 
 
@@ -77,7 +83,7 @@ def load_prompts(n_rows: int):
 # --------------------------------------------------------------------------- TRL
 
 
-def bench_trl(args) -> dict:
+def bench_trl(args, bf16: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -108,7 +114,7 @@ def bench_trl(args) -> dict:
                             num_generations=args.n, max_completion_length=args.max_new_tokens,
                             learning_rate=args.lr, beta=args.beta, temperature=1.0, max_steps=args.steps,
                             gradient_accumulation_steps=1, num_iterations=1, logging_steps=1,
-                            report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False,
+                            report_to=[], save_strategy="no", use_cpu=True, bf16=bf16, fp16=False,
                             seed=0, dataloader_num_workers=0, shuffle_dataset=False,
                             disable_dropout=True, log_completions=False)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -118,7 +124,8 @@ def bench_trl(args) -> dict:
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                               callbacks=[timer])
         trainer.train()
-    return summarize(timer.seconds, args.prompts * args.n, {"threads": torch.get_num_threads()})
+    return summarize(timer.seconds, args.prompts * args.n, {"threads": torch.get_num_threads(),
+                                                            "bf16_autocast": bf16})
 
 
 # --------------------------------------------------------------------------- rlhf-ray
@@ -140,7 +147,12 @@ def bench_ours(args, name: str, overrides: list[str]) -> dict:
         summary = json.loads((run_dir / "summary.json").read_text())
     parts = {key: statistics.median(h[key] for h in history[1:] or history)
              for key in ("perf/gen_s", "perf/train_s", "perf/sync_s", "perf/score_s")}
-    extra = {"overrides": overrides, "parts_median_s": parts, "wall_s": time.perf_counter() - t0,
+    # the log-prob agreement the variant costs: vLLM's sampling log-probs vs the learner's
+    agreement = {key: statistics.median(h[key] for h in history if key in h)
+                 for key in ("rollout/mismatch_kl", "rollout/is_weight_mean", "perf/pi_old_s")
+                 if any(key in h for h in history)}
+    extra = {"overrides": overrides, "parts_median_s": parts, "agreement": agreement,
+             "wall_s": time.perf_counter() - t0,
              "learner_threads": summary.get("learner", {}).get("threads")}
     return summarize([h["perf/step_s"] for h in history], args.prompts * args.n, extra)
 
@@ -162,21 +174,26 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labelled: set[str] = set()
+
+    def bar(i: int, height: float, bottom: float, color: str, label: str) -> None:
+        ax.bar(i, height, bottom=bottom, color=color, label=None if label in labelled else label)
+        labelled.add(label)
+
     for i, name in enumerate(names):
         r = results[name]
         if "parts_median_s" not in r:
-            ax.bar(i, r["median_step_s"], color="grey", label="TRL step (generate + train)" if i == 0 else None)
+            bar(i, r["median_step_s"], 0.0, "grey", "TRL step (generate + train)")
             continue
         parts = r["parts_median_s"]
         bottom = 0.0
         for key, color, label in (("perf/gen_s", "tab:blue", "generation + scoring wait"),
                                   ("perf/train_s", "tab:orange", "training"),
                                   ("perf/sync_s", "tab:green", "weight sync")):
-            ax.bar(i, parts[key], bottom=bottom, color=color, label=label if i == 1 else None)
+            bar(i, parts[key], bottom, color, label)
             bottom += parts[key]
-        rest = max(r["median_step_s"] - bottom, 0.0)
-        ax.bar(i, rest, bottom=bottom, color="tab:purple", label="advantages, other" if i == 1 else None)
+        bar(i, max(r["median_step_s"] - bottom, 0.0), bottom, "tab:purple", "pi_old pass, advantages, other")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("median seconds per step")
     ax.set_title("GRPO step time: rlhf-ray variants vs TRL GRPOTrainer")
@@ -197,6 +214,8 @@ def main() -> int:
     ap.add_argument("--variants", default="before,threads,chunk8,staleness1",
                     help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--trl-bf16", action="store_true",
+                    help="also run TRL with bf16=True (autocast; fp32 weights), the peer of the bf16 variants")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "grpo_vs_trl.json"))
     ap.add_argument("--plot", default=str(ROOT / "bench" / "results" / "grpo_vs_trl.png"))
     args = ap.parse_args()
@@ -205,12 +224,15 @@ def main() -> int:
     if not args.skip_trl:
         print("TRL GRPOTrainer ...", flush=True)
         results["trl"] = bench_trl(args)
+    if args.trl_bf16:
+        print("TRL GRPOTrainer, bf16 autocast ...", flush=True)
+        results["trl_bf16"] = bench_trl(args, bf16=True)
     for name in args.variants.split(","):
         print(f"rlhf-ray {name} ...", flush=True)
         results[name] = bench_ours(args, name, VARIANTS[name])
 
     base = results.get("trl")
-    print(f"\n{'run':<12} {'median step s':>14} {'completions/s':>14} {'vs TRL':>8}")
+    print(f"\n{'run':<12} {'median step s':>14} {'completions/s':>14} {'vs TRL':>8}  (TRL: fp32)")
     for name, r in results.items():
         ratio = r["completions_per_s"] / base["completions_per_s"] if base else float("nan")
         r["ratio_vs_trl"] = ratio

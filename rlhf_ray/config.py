@@ -466,6 +466,7 @@ class PPOConfig(RunConfig):
     lam: float = option(0.95, "GAE lambda.")
     kl: KLConfig = section(KLConfig, "KL penalty against the frozen reference.")
     max_staleness: int = option(0, "Policy versions generation may run ahead of training (0: on-policy).")
+    pi_old: Literal["auto", "recompute"] = option("auto", "Where PPO's pi_old log-probs come from. auto: the update's own forward when that is the same thing (one optimizer step per batch, max_staleness 0, critic-free advantages, kl.mode loss), else a separate pass; recompute: always a separate learner forward before the update.")
     rollout_correction: Literal["none", "tis", "mask"] = option("tis", "Correct for pi_old != pi_rollout (engine mismatch, staleness): truncated per-token IS weights (tis), a sequence mask (mask), or none.")
     rollout_correction_cap: float = option(2.0, "tis: the cap C of min(pi_old/pi_rollout, C); mask: keep a sequence if its mean ratio is within [1/C, C].")
     chunk_size: int = option(4, "Prompts per generate call; finished chunks are scored while others generate.")

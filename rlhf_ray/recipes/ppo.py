@@ -390,10 +390,10 @@ def pi_old_in_update(cfg: PPOConfig) -> bool:
     It can when that forward runs on exactly pi_old's weights and nothing before the update
     needs pi_old: one optimizer step per batch (``ppo_epochs = mini_batches = 1``), on-policy
     (``max_staleness = 0``), critic-free advantages and the KL in the loss (so no advantage
-    or reward is shaped by it). The result is the same; the pass costs about a third of a
-    training step."""
-    return (cfg.ppo_epochs == 1 and cfg.mini_batches == 1 and cfg.max_staleness == 0
-            and cfg.advantage != "gae" and cfg.kl.mode == "loss")
+    or reward is shaped by it), unless ``pi_old=recompute``. The result is the same; the pass
+    costs about a third of a training step."""
+    return (cfg.pi_old == "auto" and cfg.ppo_epochs == 1 and cfg.mini_batches == 1
+            and cfg.max_staleness == 0 and cfg.advantage != "gae" and cfg.kl.mode == "loss")
 
 
 def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, train_policy: bool = True) -> dict:

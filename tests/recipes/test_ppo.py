@@ -24,8 +24,9 @@ def run_ppo(tmp_path: Path, *overrides: str) -> tuple[dict, list[dict]]:
 
 
 def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_path):
+    # one update per batch with the KL in the loss: pi_old is the update's own forward
     summary, history = run_ppo(tmp_path, "advantage=grpo", "max_staleness=0", "steps=3",
-                               "rollout.num_workers=2")
+                               "rollout.num_workers=2", "kl.mode=loss")
     assert [h["step"] for h in history] == [1, 2, 3]
     for h in history:
         assert h["versions_trained"] == [h["trained_at_version"]], h
@@ -33,8 +34,12 @@ def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_pat
         assert h["rollout/episodes"] == 4 * 2  # prompts_per_step x sampling.n
     m = summary["metrics"]
     for key in ("perf/gen_s", "perf/score_s", "perf/train_s", "perf/sync_s", "perf/step_s",
-                "perf/tokens_per_s", "reward/mean", "kl/mean", "policy/loss", "eval/score"):
+                "perf/tokens_per_s", "reward/mean", "kl/mean", "policy/loss", "eval/score",
+                "rollout/mismatch_kl", "rollout/is_weight_mean"):
         assert key in m, key
+    # the learners applied the rollout correction: vLLM and the learner agree closely
+    assert 0.9 < m["rollout/is_weight_mean"]["final"] < 1.1 and m["rollout/mismatch_kl"]["final"] < 0.01
+    assert m["policy/ratio_mean"]["final"] == pytest.approx(1.0, abs=1e-5)
     assert m["sync/version"]["final"] == 3
     assert Path(summary["outputs"]["plot"]).stat().st_size > 1000
     from transformers import AutoModelForCausalLM

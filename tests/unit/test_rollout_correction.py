@@ -75,3 +75,20 @@ def test_weighting_the_advantages_weights_each_tokens_clipped_surrogate():
     ratio = torch.exp(logprobs - old)
     naive = -(weights * torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)).mean()
     assert float(loss) == pytest.approx(float(naive), rel=1e-10)
+
+
+@pytest.mark.parametrize("overrides,fused", [
+    ([], False),  # the default kl.mode is in the reward: advantages need pi_old first
+    (["kl.mode=loss"], True),
+    (["kl.mode=loss", "pi_old=recompute"], False),
+    (["kl.mode=loss", "max_staleness=1"], False),  # pi_old is the train-time policy, not the sampler's
+    (["kl.mode=loss", "ppo_epochs=2"], False),
+    (["kl.mode=loss", "mini_batches=2"], False),
+    (["kl.mode=loss", "advantage=gae"], False),
+])
+def test_pi_old_comes_from_the_update_only_when_it_is_the_same_forward(overrides, fused):
+    from rlhf_ray.config import PPOConfig
+    from rlhf_ray.config_loader import build_config
+    from rlhf_ray.recipes.ppo import pi_old_in_update
+
+    assert pi_old_in_update(build_config(PPOConfig, None, overrides)) is fused

@@ -46,10 +46,11 @@ def optim_config(lr: float = 1e-3, grad_clip: float = 1.0, eps: float = 1e-8):
 @contextlib.contextmanager
 def learners(n: int, path: str, zero_stage: int = 0, micro_batch_size: int = 4,
              optim: OptimConfig | None = None, init: bool = True, offload: bool = False,
-             gradient_checkpointing: bool = False, **kwargs):
+             gradient_checkpointing: bool = False, autocast: str = "none", **kwargs):
     """A distributed group of ``n`` learners (num_cpus=0), shut down on exit."""
     cfg = LearnerConfig(num_workers=n, zero_stage=zero_stage, micro_batch_size=micro_batch_size,
-                        offload=offload, gradient_checkpointing=gradient_checkpointing)
+                        offload=offload, gradient_checkpointing=gradient_checkpointing,
+                        autocast=autocast)
     optim = optim or optim_config()
     group = WorkerGroup(LearnerWorker, "learner", n, args=(path, cfg, optim),
                         kwargs=kwargs, distributed=True, timeout_s=300,
@@ -300,6 +301,32 @@ def test_ppo_step_with_value_model(policy):
         assert m["value/grad_norm"] > 0 and m["policy/entropy"] > 0
     assert steps[-1]["value/loss"] < first["value/loss"]
     assert steps[-1]["policy/approx_kl"] > 0 and steps[-1]["kl/ref"] > 0  # the policy moved
+
+
+def test_bf16_autocast_learner_keeps_fp32_weights_and_close_logprobs(ray_local, tiny_llama):
+    """learner.autocast=bfloat16: bf16 matmuls, so log-probs move a little from fp32 (the
+    autocast is on) but stay close; weights, returned log-probs and the update stay fp32,
+    and pi_old from the update's own forward gives ratio 1."""
+    from transformers import AutoModelForCausalLM
+
+    seq = make_batch(6, seed=7)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    want = hf_logprobs(model, seq)
+    with learners(1, tiny_llama, autocast="bfloat16") as group:
+        got = group.call("forward_logprobs", seq)[0]
+        mask = seq.attention_mask[:, 1:]
+        diff = (got - want).abs() * mask
+        assert got.dtype == torch.float32
+        assert 1e-5 < float(diff.max()) and float(diff.sum() / mask.sum()) < 0.05, diff.max()
+        g = torch.Generator().manual_seed(1)
+        exp = ExperienceBatch(**seq.tensors(), ref_logprobs=got.clone(),
+                              advantages=torch.randn(seq.response_mask.shape, generator=g) * seq.response_mask)
+        m = group.call("ppo_step", exp, PPOLossSettings(kl_coef=0.1, kl_metric_estimator="k1"))[0]
+        assert m["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["policy/grad_norm"] > 0
+        assert abs(m["kl/mean"]) < 1e-6  # the reference is this policy
+        state = group.call("get_state_dict")[0]
+        assert all(v.dtype == torch.float32 for v in state.values())
+        assert max_diff(state, model.state_dict()) > 0  # it stepped
 
 
 def test_value_warmup_steps_only_the_value_model(policy):
