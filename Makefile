@@ -27,5 +27,7 @@ lint:
 bench:
 	$(PY) bench/learner_throughput.py
 	$(PY) bench/rollout_throughput.py
-	$(PY) bench/grpo_vs_trl.py --variants before,chunk8
+	$(PY) bench/grpo_vs_trl.py --variants before,fused,autocast
+	$(PY) bench/streaming.py --steps 3
+	$(PY) bench/sft_dpo_vs_trl.py
 	$(PY) bench/reward_endpoint.py

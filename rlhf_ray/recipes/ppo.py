@@ -215,7 +215,8 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
             seed=cfg.seed, value_model=cfg.value_model,
             value_optim=OptimConfig(lr=cfg.value_lr) if cfg.advantage == "gae" else None,
             exclusive=cfg.max_staleness == 0)  # with staleness, generation runs during training
-    sync = WeightSync(learners, rollouts, cfg.weight_sync.transport, cfg.weight_sync.bucket_mb)
+    sync = WeightSync(learners, rollouts, cfg.weight_sync.transport, cfg.weight_sync.bucket_mb,
+                      dtype=cfg.rollout.dtype or cfg.model.dtype)
     return Workers(rollouts, reward, reference, learners, sync)
 
 

@@ -54,7 +54,7 @@ def run(cfg: RSConfig) -> dict:
             reward = run.roles.reward(cfg.reward)
             learners = run.roles.learners(policy_path, cfg.learner, cfg.optim, cfg.model.dtype,
                                           optimizer_steps=cfg.rounds * optimizer_steps_per_round, seed=cfg.seed)
-            sync = WeightSync(learners, rollouts)
+            sync = WeightSync(learners, rollouts, dtype=cfg.rollout.dtype or cfg.model.dtype)
         start = run.restore(learners)
         outputs: dict[str, str] = dict(run.resume_state.extra["outputs"]) if run.resuming else {}
 

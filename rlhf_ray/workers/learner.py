@@ -253,8 +253,12 @@ class LearnerWorker(WeightSender, Worker):
                                        num_tokens_global, num_seqs_global)
 
         def loss_fn(mb: SequenceBatch):
-            logits = self._forward(self.model, mb).logits
-            return loss_terms.sft_terms(logits, mb, aggregation, n_tok, n_seq)
+            # logits only from the first position that predicts a response token on
+            start = mb.first_target_column()
+            logits = self._forward(self.model, mb, keep_from=start).logits
+            losses, stats = loss_terms.sft_terms(logits, mb.from_column(start), aggregation, n_tok, n_seq)
+            stats["perf/tokens"] = mb.attention_mask.sum()  # of the whole micro-batch
+            return losses, stats
 
         return TrainPlan([(self.model, "policy")], self._split(batch), loss_fn)
 
@@ -268,8 +272,12 @@ class LearnerWorker(WeightSender, Worker):
 
         def loss_fn(mb: PreferenceBatch):
             both = mb.stacked(self.pad_id)
-            logits = self._forward(self.model, both).logits
-            return loss_terms.dpo_terms(logits, both, mb, beta, loss_type, label_smoothing, n)
+            start = both.first_target_column()  # the shared prompt prefix needs no logits
+            logits = self._forward(self.model, both, keep_from=start).logits
+            losses, stats = loss_terms.dpo_terms(logits, both.from_column(start), mb, beta, loss_type,
+                                                 label_smoothing, n)
+            stats["perf/tokens"] = both.attention_mask.sum()  # of the whole micro-batch
+            return losses, stats
 
         return TrainPlan([(self.model, "policy")], self._split_pairs(batch), loss_fn)
 
@@ -355,7 +363,7 @@ class LearnerWorker(WeightSender, Worker):
         engine.eval()
         B, T = batch.input_ids.shape
         out = torch.zeros((B,) if shift is None else (B, T - shift), dtype=torch.float32)
-        micro = self._split(batch)
+        micro, order = self._split(batch), self._length_order(batch)
         n = len(micro)
         # Under ZeRO-3 every forward gathers parameters: all ranks run the same count.
         steps = self._steps(n, collective=self.learner.zero_stage == 3)
@@ -364,7 +372,7 @@ class LearnerWorker(WeightSender, Worker):
             for i in range(steps):
                 res = fn(micro[min(i, n - 1)].to(self.device)).float().cpu()
                 if i < n:
-                    rows = slice(row, row + len(micro[i]))
+                    rows = order[row: row + len(micro[i])]  # back to the batch's row order
                     if shift is None:
                         out[rows] = res
                     else:
@@ -469,7 +477,15 @@ class LearnerWorker(WeightSender, Worker):
                              f"{self.model_kind!r}")
 
     def _split(self, batch: SequenceBatch) -> list[SequenceBatch]:
-        return batch.split(self.learner.micro_batch_size)
+        """Micro-batches of rows of similar length, each cut to its own longest row (little
+        padding to compute on); :meth:`_length_order` is the row order they follow. The
+        losses are sums over micro-batches with global normalisers, so the order is free."""
+        return batch.select(self._length_order(batch)).split(self.learner.micro_batch_size)
+
+    @staticmethod
+    def _length_order(batch: SequenceBatch) -> torch.Tensor:
+        """(B,) row indices, shortest real length first (stable)."""
+        return torch.argsort(batch.attention_mask.sum(1), stable=True)
 
     def _split_pairs(self, batch: PreferenceBatch) -> list[PreferenceBatch]:
         return batch.split(max(1, self.learner.micro_batch_size // 2))  # 2 rows a pair

@@ -70,12 +70,13 @@ class ReferenceServer(Worker):
 
         out = []
         for start in range(0, len(batch), self.micro_batch_size):
-            mb = batch.select(slice(start, start + self.micro_batch_size)).to(self.device)
-            width = int(mb.attention_mask.sum(1).max())  # drop all-padding columns
-            ids, mask = mb.input_ids[:, :width], mb.attention_mask[:, :width]
+            mb = batch.rows(slice(start, start + self.micro_batch_size)).to(self.device)  # no padding columns
+            first = mb.first_target_column()  # logits only from the first target's position on
+            window = mb.from_column(first)
             with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                out.append(sequence_logprobs(logits.float(), ids, mb.loss_mask[:, :width]).cpu())
+                logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
+                                    logits_to_keep=mb.input_ids.shape[1] - first).logits
+                out.append(sequence_logprobs(logits.float(), window.input_ids, window.loss_mask).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def health(self) -> dict:

@@ -117,13 +117,17 @@ class RolloutWorker(Worker):
 
         start = time.perf_counter()
         state = ray.get(state_ref[0]) if isinstance(state_ref[0], ray.ObjectRef) else state_ref[0]
-        path = f"/dev/shm/rlhf_ray_weights_{os.getpid()}.pt"
-        try:
-            torch.save(state, path)
-            count = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0]
-        finally:
-            if os.path.exists(path):
-                os.remove(path)
+        if self.tensor_parallel_size == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            # the engine runs in this process: its worker takes the tensors as they are
+            count = self.llm.collective_rpc("load_weights_from_dict", args=(state,))[0]
+        else:  # engine processes: a shared-memory file each maps, not a pickled copy each
+            path = f"/dev/shm/rlhf_ray_weights_{os.getpid()}.pt"
+            try:
+                torch.save(state, path)
+                count = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0]
+            finally:
+                if os.path.exists(path):
+                    os.remove(path)
         self.llm.reset_prefix_cache()
         self.version = version
         return {"sync/tensors": float(count), "perf/sync_s": time.perf_counter() - start,

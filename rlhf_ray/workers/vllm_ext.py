@@ -17,6 +17,11 @@ class WeightLoaderExtension:
         self.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
 
+    def load_weights_from_dict(self, state: dict) -> int:
+        """Load ``{name: tensor}`` in place (an engine in this process: no copy to a file)."""
+        self.reload_weights(weights_iterator=iter(state.items()))
+        return len(state)
+
     def open_sync_group(self, master_addr: str, port: int, first_rank: int, world_size: int,
                         backend: str) -> bool:
         """Join the learner's weight-broadcast group; each tensor-parallel shard is one rank."""

@@ -112,11 +112,16 @@ class WeightSender:
     """Mixed into LearnerWorker. Needs ``self.get_state_dict()`` (full weights on rank 0,
     ``{}`` elsewhere; every rank must call it, as ZeRO-3 gathers collectively)."""
 
-    def publish_weights(self) -> list:
-        """Object-store transport: rank 0 returns ``[ObjectRef]``, other ranks ``[]``."""
+    def publish_weights(self, dtype: str | None = None) -> list:
+        """Object-store transport: rank 0 returns ``[ObjectRef]``, other ranks ``[]``.
+        ``dtype``: the rollouts' weight dtype; floating tensors are cast to it first, so a
+        bf16 engine gets half the bytes (it would cast them on load anyway)."""
         import ray
 
         state = self.get_state_dict()
+        if dtype is not None:
+            target = getattr(torch, dtype)
+            state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
         return [ray.put(state)] if state else []
 
     def weights_metadata(self) -> list[TensorMeta]:
@@ -144,9 +149,11 @@ class WeightSync:
     """Moves the learners' weights to every rollout worker and stamps them with a version."""
 
     def __init__(self, learners, rollouts, method: str = "auto", bucket_mb: int = 256,
-                 backend: str = "auto"):
+                 backend: str = "auto", dtype: str | None = None):
         """``method``: ``auto`` is ``broadcast`` when both groups hold GPUs, else
-        ``object_store``. ``backend`` (broadcast only): ``auto`` is NCCL on GPUs, else gloo."""
+        ``object_store``. ``backend`` (broadcast only): ``auto`` is NCCL on GPUs, else gloo.
+        ``dtype`` (object store only): the rollouts' weight dtype, sent in it (null: as the
+        learners hold them)."""
         if method not in ("auto", "object_store", "broadcast"):
             raise ValueError(f"weight sync method must be 'auto', 'object_store' or 'broadcast', got {method!r}")
         on_gpus = learners.resources.num_gpus > 0 and rollouts.resources.num_gpus > 0
@@ -154,6 +161,7 @@ class WeightSync:
         self.method = ("broadcast" if on_gpus else "object_store") if method == "auto" else method
         self.bucket_bytes = bucket_mb << 20
         self.backend = ("nccl" if on_gpus else "gloo") if backend == "auto" else backend
+        self.dtype = dtype
         self._metadata: list[TensorMeta] | None = None
         self._group_size = 0
         self._bytes: int | None = None  # of one full copy of the weights
@@ -183,7 +191,7 @@ class WeightSync:
         if version is None:
             return
         if self.method == "object_store":
-            refs = [r for rank_refs in self.learners.call("publish_weights") for r in rank_refs]
+            refs = [r for rank_refs in self.learners.call("publish_weights", self.dtype) for r in rank_refs]
             self.rollouts.get([self.rollouts.submit(r, "load_weights", version, refs[:1]) for r in ranks],
                               ranks, "load_weights")
         else:
@@ -195,7 +203,7 @@ class WeightSync:
         self.version = version  # what the learners hold now (a replacement gets it too)
         start = time.perf_counter()
         if self.method == "object_store":
-            refs = [r for rank_refs in self.learners.call("publish_weights") for r in rank_refs]
+            refs = [r for rank_refs in self.learners.call("publish_weights", self.dtype) for r in rank_refs]
             results = self.rollouts.call("load_weights", version, refs[:1])
         else:
             if self._metadata is None or self._group_size != len(self.rollouts):
@@ -209,7 +217,13 @@ class WeightSync:
         seconds = time.perf_counter() - start
         if self._bytes is None:
             metadata = self._metadata or [m for m in self.learners.call("weights_metadata") if m][0]
-            self._bytes = sum(_numel(shape) * getattr(torch, dtype).itemsize for _, dtype, shape in metadata)
+            sent = getattr(torch, self.dtype) if self.dtype and self.method == "object_store" else None
+
+            def itemsize(dtype: str) -> int:
+                held = getattr(torch, dtype)
+                return (sent if sent is not None and held.is_floating_point else held).itemsize
+
+            self._bytes = sum(_numel(shape) * itemsize(dtype) for _, dtype, shape in metadata)
         return {"perf/sync_s": seconds, "sync/version": float(version),
                 "perf/sync_gb_per_s": self._bytes * len(self.rollouts) / 1e9 / max(seconds, 1e-9),
                 "sync/tensors": float(results[0].get("sync/tensors", 0.0))}

@@ -101,3 +101,19 @@ def test_sync_makes_rollouts_match_learner(roles, method):
     after, versions = _max_logprob_diff(learner, rollouts)
     assert set(versions) == {version}
     assert after <= 1e-4, f"{method}: the replacement differs from the learner by {after} after push"
+
+
+def test_object_store_sync_sends_the_rollouts_dtype(roles):
+    """dtype=bfloat16: the learner casts before publishing, so an engine gets bf16-rounded
+    weights (half the bytes); here the engine is fp32, so the rounding shows as a small gap
+    that a plain sync then removes."""
+    learner, rollouts = roles
+    _train_once(learner, rollouts)
+    metrics = WeightSync(learner, rollouts, dtype="bfloat16").sync(50)
+    assert metrics["sync/tensors"] > 0
+    rounded, versions = _max_logprob_diff(learner, rollouts)
+    assert set(versions) == {50}
+    assert 1e-5 < rounded < 0.1, rounded
+    WeightSync(learner, rollouts).sync(51)
+    exact, _ = _max_logprob_diff(learner, rollouts)
+    assert exact <= 1e-4, exact
