@@ -124,7 +124,7 @@ def trl_sft(args, model_path: str, examples) -> dict:
                            learning_rate=args.lr, max_steps=args.steps + 1, max_grad_norm=1.0,
                            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                           bf16=False, fp16=False, seed=0, dataloader_num_workers=0,
+                           bf16=args.bf16, fp16=False, seed=0, dataloader_num_workers=0,
                            shuffle_dataset=False, max_length=None, packing=False)
         trainer = _in_order(SFTTrainer)(
             model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), args=config,
@@ -148,7 +148,7 @@ def trl_dpo(args, model_path: str, texts: list[dict]) -> tuple[dict, list]:
                            learning_rate=args.lr, max_steps=args.steps + 1, max_grad_norm=1.0,
                            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                           bf16=False, fp16=False, seed=0, dataloader_num_workers=0,
+                           bf16=args.bf16, fp16=False, seed=0, dataloader_num_workers=0,
                            beta=args.beta, loss_type=["sigmoid"], max_length=None,
                            precompute_ref_log_probs=False)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -174,7 +174,7 @@ def _learner(args, model_path: str, micro_batch: int):
     from rlhf_ray.workers.learner import LearnerWorker
 
     learner = LearnerWorker(model_path, LearnerConfig(micro_batch_size=micro_batch, threads=args.threads,
-                                                      autocast=args.autocast),
+                                                      autocast="bfloat16" if args.bf16 else "none"),
                             OptimConfig(lr=args.lr, grad_clip=1.0, weight_decay=0.0, betas=[0.9, 0.999], warmup_steps=0,
                                         schedule="constant"))
     learner.init()
@@ -203,7 +203,8 @@ def ours_dpo(args, model_path: str, triples: list, pad: int) -> dict:
     from rlhf_ray.driver.batches import preference_batch
     from rlhf_ray.workers.reference import ReferenceServer
 
-    reference = ReferenceServer(model_path, "float32", micro_batch_size=2 * args.pairs)
+    reference = ReferenceServer(model_path, "float32", micro_batch_size=2 * args.pairs,
+                                autocast="bfloat16" if args.bf16 else "none")
     learner = _learner(args, model_path, 2 * args.pairs)  # a micro-batch is chosen + rejected rows
     try:
         seconds, losses = [], []
@@ -226,12 +227,17 @@ def ours_dpo(args, model_path: str, triples: list, pad: int) -> dict:
 def compare(name: str, trl: dict, ours: dict) -> dict:
     trl_s, ours_s = statistics.median(trl["step_s"][1:]), statistics.median(ours["step_s"][1:])
     loss_gap = abs(trl["losses"][0] - ours["losses"][0])
+    # after one optimizer step with the same AdamW settings the losses should still agree
+    second_gap = abs(trl["losses"][1] - ours["losses"][1]) if min(len(trl["losses"]), len(ours["losses"])) > 1 \
+        else float("nan")
     result = {"trl": {**trl, "median_step_s": trl_s, "steps_per_s": 1 / trl_s},
               "rlhf_ray": {**ours, "median_step_s": ours_s, "steps_per_s": 1 / ours_s},
-              "ratio": trl_s / ours_s, "first_loss_gap": loss_gap, "first_loss_equal": loss_gap <= LOSS_TOL}
+              "ratio": trl_s / ours_s, "first_loss_gap": loss_gap, "first_loss_equal": loss_gap <= LOSS_TOL,
+              "second_loss_gap": second_gap}
     print(f"{name}: TRL {trl_s:6.2f} s/step, rlhf-ray {ours_s:6.2f} s/step -> {trl_s / ours_s:.2f}x; "
           f"first-step loss {trl['losses'][0]:.6f} vs {ours['losses'][0]:.6f} "
-          f"(gap {loss_gap:.1e}, {'equal' if loss_gap <= LOSS_TOL else 'NOT equal'} within {LOSS_TOL:g})",
+          f"(gap {loss_gap:.1e}, {'equal' if loss_gap <= LOSS_TOL else 'NOT equal'} within {LOSS_TOL:g}); "
+          f"after one step: gap {second_gap:.1e}",
           flush=True)
     return result
 
@@ -245,11 +251,27 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--autocast", choices=["none", "bfloat16"], default="none",
-                    help="rlhf-ray's learner.autocast (TRL stays fp32; the loss check then needs 'none')")
+    ap.add_argument("--bf16", action="store_true",
+                    help="both sides under bf16 autocast (TRL bf16=True, rlhf-ray learner.autocast); "
+                         "the first-step losses are then reported, not required to be equal")
     ap.add_argument("--only", choices=["sft", "dpo"], default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sft_dpo_vs_trl.json"))
     args = ap.parse_args()
+
+    if args.only is None:  # each in its own process: a learner's process group is set up once
+        import subprocess
+
+        results, argv = {}, [a for a in sys.argv[1:]]
+        for kind in ("sft", "dpo"):
+            out = Path(tempfile.mkdtemp()) / f"{kind}.json"
+            done = subprocess.run([sys.executable, __file__, *argv, "--only", kind, "--out", str(out)])
+            if out.exists():
+                results.update(json.loads(out.read_text())["results"])
+                out.unlink()
+                out.parent.rmdir()
+            if done.returncode not in (0, 1):
+                raise SystemExit(f"bench/sft_dpo_vs_trl.py --only {kind} failed ({done.returncode})")
+        return write(args, results)
 
     import torch
 
@@ -268,13 +290,18 @@ def main() -> int:
     if args.only in (None, "dpo"):
         trl, triples = trl_dpo(args, model_path, preference_texts(args, tokenizer))
         results["dpo"] = compare("DPO", trl, ours_dpo(args, model_path, triples, pad))
+    return write(args, results)
+
+
+def write(args, results: dict) -> int:
+    """Write the JSON report; exit status 1 when a first-step loss differs (fp32 only)."""
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "model": args.model, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+              "model": args.model, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "only")},
               "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
-    return 0 if all(r["first_loss_equal"] for r in results.values()) or args.autocast != "none" else 1
+    return 0 if all(r["first_loss_equal"] for r in results.values()) or args.bf16 else 1
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class LearnerConfig:
     placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the learners: pack (same node first) or spread.")
     resources: dict[str, float] = option({}, "Custom Ray resources per learner, e.g. {trainer_node: 1}: places learners on the nodes that have them.")
     backend: Literal["auto", "gloo", "nccl"] = option("auto", "torch.distributed backend: auto picks nccl on GPU, gloo on CPU.")
-    autocast: Literal["none", "bfloat16"] = option("none", "Run the learner's forward and backward under bf16 autocast: fp32 weights, optimizer state and loss, bf16 matmuls (about 1.8x faster on a CPU with AVX-512 BF16; a few hundredths of a nat of log-prob noise per token, bench/RESULTS.md). The ratio and KL still compare like with like: pi_old is computed the same way.")
+    autocast: Literal["none", "bfloat16"] = option("none", "Run the learner's forward and backward under bf16 autocast: fp32 weights, optimizer state and loss, bf16 matmuls (about 1.8x faster on a CPU with AVX-512 BF16; a few hundredths of a nat of log-prob noise per token, bench/RESULTS.md). The ratio and KL still compare like with like: pi_old is computed the same way, and the reference (PPO, DPO) runs under the same autocast.")
     threads: int | None = option(None, "Torch CPU threads per learner rank (CPU only). null: the cores of its node, shared among the learner ranks there, when no other role computes during training (sft, rm, dpo, rs; ppo with max_staleness=0); else cpus_per_worker (at least 1).")
 
     def validate(self) -> None:

@@ -93,12 +93,15 @@ class Roles:
                            resources=WorkerResources(reward.cpus_per_replica, reward.gpus_per_replica,
                                                      custom=dict(reward.resources)))
 
-    def reference(self, model: str, dtype: str, reference: ReferenceConfig | None = None) -> WorkerGroup:
+    def reference(self, model: str, dtype: str, reference: ReferenceConfig | None = None,
+                  autocast: str = "none") -> WorkerGroup:
         """``reference.num_replicas`` frozen ReferenceServers of ``model`` (in
-        ``reference.dtype``, or ``dtype`` when that is null), placed by ``reference``."""
+        ``reference.dtype``, or ``dtype`` when that is null), placed by ``reference``;
+        ``autocast``: the learners' ``learner.autocast``, so both compute alike."""
         reference = reference or ReferenceConfig()
         return self._start(ReferenceServer, "reference", reference.num_replicas,
                            args=(model, reference.dtype or dtype, reference.micro_batch_size),
+                           kwargs=dict(autocast=autocast),
                            keys={"CPU": "reference.cpus_per_replica", "GPU": "reference.gpus_per_replica"},
                            resources=WorkerResources(reference.cpus_per_replica, reference.gpus_per_replica,
                                                      custom=dict(reference.resources)))

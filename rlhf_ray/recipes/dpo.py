@@ -62,7 +62,8 @@ def run(cfg: DPOConfig) -> dict:
             learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
                                           optimizer_steps=total, seed=cfg.seed)
             ref = run.roles.reference(*reference, ReferenceConfig(
-                micro_batch_size=cfg.learner.micro_batch_size, cpus_per_replica=cfg.reference_cpus))
+                micro_batch_size=cfg.learner.micro_batch_size, cpus_per_replica=cfg.reference_cpus),
+                cfg.learner.autocast)
         start = run.restore(learners)
         if start == 0:
             run.log({"data/train_pairs": len(train), "data/heldout_pairs": len(heldout),

@@ -209,7 +209,7 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
         # with an environment, it scores the episodes and no RewardServer is started
         reward = None if cfg.env.is_set else run.roles.reward(cfg.reward)
         rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, env=cfg.env)
-        reference = run.roles.reference(reference_path, cfg.model.dtype, cfg.reference)
+        reference = run.roles.reference(reference_path, cfg.model.dtype, cfg.reference, cfg.learner.autocast)
         learners = run.roles.learners(
             policy_path, cfg.learner, cfg.optim, cfg.model.dtype, optimizer_steps=optimizer_steps,
             seed=cfg.seed, value_model=cfg.value_model,

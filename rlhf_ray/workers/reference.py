@@ -40,7 +40,10 @@ class ReferenceServer(Worker):
     role = "reference"
 
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 8,
-                 name: str = "reference"):
+                 name: str = "reference", autocast: str = "none"):
+        """``autocast``: ``"bfloat16"`` runs the forwards under bf16 autocast, as a learner
+        with ``learner.autocast=bfloat16`` does, so that a policy equal to the reference
+        gets the same log-probs (a zero KL, DPO's ln 2 at the start)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,11 +57,20 @@ class ReferenceServer(Worker):
         self.model.requires_grad_(False)
         self.pad_id = AutoTokenizer.from_pretrained(self.path).pad_token_id
         self.micro_batch_size = micro_batch_size
+        if autocast not in ("none", "bfloat16"):
+            raise ValueError(f"reference autocast: expected 'none' or 'bfloat16', got {autocast!r}")
+        self.autocast = autocast
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast == "bfloat16")
 
     def logprobs(self, episodes: list[Episode], temperature: float = 1.0) -> list[list[float]]:
         """Per-token reference log-probs of each episode's response, in order, at the
         rollouts' sampling ``temperature`` (the KL compares like with like)."""
-        return response_logprobs(self.model, episodes, self.pad_id, self.micro_batch_size, temperature)
+        with self._autocast():
+            return response_logprobs(self.model, episodes, self.pad_id, self.micro_batch_size, temperature)
 
     def sequence_logps(self, batch: SequenceBatch):
         """(B,) fp32 summed log-probs of each sequence's target tokens (``batch.loss_mask``),
@@ -73,7 +85,7 @@ class ReferenceServer(Worker):
             mb = batch.rows(slice(start, start + self.micro_batch_size)).to(self.device)  # no padding columns
             first = mb.first_target_column()  # logits only from the first target's position on
             window = mb.from_column(first)
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
                                     logits_to_keep=mb.input_ids.shape[1] - first).logits
                 out.append(sequence_logprobs(logits.float(), window.input_ids, window.loss_mask).cpu())

@@ -329,6 +329,22 @@ def test_bf16_autocast_learner_keeps_fp32_weights_and_close_logprobs(ray_local, 
         assert max_diff(state, model.state_dict()) > 0  # it stepped
 
 
+def test_a_reference_under_the_learners_autocast_agrees_with_it(ray_local, tiny_llama):
+    """With learner.autocast=bfloat16 the reference runs under the same autocast: at the
+    start (policy = reference) both give the same summed log-probs, which an fp32
+    reference does not (DPO would not start at ln 2, PPO's KL not at 0)."""
+    from rlhf_ray.workers.reference import ReferenceServer
+
+    seq = make_batch(6, seed=11)
+    with learners(1, tiny_llama, autocast="bfloat16") as group:
+        policy = (group.call("forward_logprobs", seq)[0] * seq.response_mask).sum(-1)
+    same = ReferenceServer(tiny_llama, micro_batch_size=4, autocast="bfloat16").sequence_logps(seq)
+    fp32 = ReferenceServer(tiny_llama, micro_batch_size=4).sequence_logps(seq)
+    assert float((same - policy).abs().max()) < 1e-4 < float((fp32 - policy).abs().max())
+    with pytest.raises(ValueError, match="reference autocast: expected"):
+        ReferenceServer(tiny_llama, autocast="float16")
+
+
 def test_value_warmup_steps_only_the_value_model(policy):
     seq = make_batch(6, seed=8)
     mask = seq.response_mask
