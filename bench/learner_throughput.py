@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/learner_throughput.py                    # SmolLM2-135M fp32, 32 x ~110 tokens
     .venv/bin/python bench/learner_throughput.py --threads 1 --micro-batch 8
+    .venv/bin/python bench/learner_throughput.py --bf16 --out bench/results/learner_throughput_bf16.json
 
 Both sides run the same optimizer step on the same batch, in one process, with the same
 torch thread count: a forward pass, the response-token cross entropy, a backward pass and an
@@ -51,7 +52,8 @@ def bench_learner(model: str, batch, args) -> list[float]:
     from rlhf_ray.config import LearnerConfig, OptimConfig
     from rlhf_ray.workers.learner import LearnerWorker
 
-    learner = LearnerWorker(model, LearnerConfig(micro_batch_size=args.micro_batch, threads=args.threads),
+    learner = LearnerWorker(model, LearnerConfig(micro_batch_size=args.micro_batch, threads=args.threads,
+                                                 autocast="bfloat16" if args.bf16 else "none"),
                             OptimConfig(lr=1e-6, grad_clip=1.0))
     learner.init()
     assert torch.get_num_threads() == args.threads
@@ -82,7 +84,8 @@ def bench_plain(model: str, batch, args) -> list[float]:
         optim.zero_grad(set_to_none=True)
         for start in range(0, len(batch), args.micro_batch):
             mb = batch.select(slice(start, start + args.micro_batch))
-            logits = lm(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                logits = lm(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
             losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                      mb.input_ids[:, 1:].reshape(-1), reduction="none")
             loss = (losses * mb.loss_mask[:, 1:].reshape(-1)).sum() / targets
@@ -101,6 +104,7 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--bf16", action="store_true", help="both sides under bf16 autocast (fp32 weights)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learner_throughput.json"))
     args = ap.parse_args()
 
@@ -120,7 +124,7 @@ def main() -> int:
     print(f"ratio (rlhf-ray / plain): {ratio:.2f}x")
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "model": args.model, "batch": args.batch, "tokens": tokens, "micro_batch": args.micro_batch,
-              "threads": args.threads, "results": results, "ratio": ratio}
+              "threads": args.threads, "bf16_autocast": args.bf16, "results": results, "ratio": ratio}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
