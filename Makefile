@@ -23,11 +23,11 @@ test-slow:
 lint:
 	.venv/bin/ruff check rlhf_ray tests
 
-# speed against a peer measured in the same run (bench/RESULTS.md); about 30 minutes on 2 cores
+# speed against a peer measured in the same run (bench/RESULTS.md); about 45 minutes on 2 cores
 bench:
 	$(PY) bench/learner_throughput.py
 	$(PY) bench/rollout_throughput.py
-	$(PY) bench/grpo_vs_trl.py --variants before,fused,autocast
+	$(PY) bench/grpo_vs_trl.py --trl-bf16 --variants before,bf16
 	$(PY) bench/streaming.py --steps 3
 	$(PY) bench/sft_dpo_vs_trl.py
 	$(PY) bench/reward_endpoint.py

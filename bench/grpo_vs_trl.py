@@ -202,16 +202,21 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=3)
+def add_run_args(ap: argparse.ArgumentParser, steps: int = 3) -> None:
+    """The GRPO settings every rlhf-ray run here takes (``bench_ours`` reads them)."""
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--rows", type=int, default=400)
-    ap.add_argument("--variants", default="before,threads,chunk8,staleness1",
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(ap)
+    ap.add_argument("--variants", default="before,fused,autocast,bf16",
                     help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--trl-bf16", action="store_true",

@@ -110,6 +110,16 @@ def _in_order(trainer_cls):
     return InOrder
 
 
+def _trainer_args(args) -> dict:
+    """The HF Trainer settings both TRL trainers share: the optimizer and schedule rlhf-ray's
+    side uses, one optimizer step per batch, CPU, no saving or reporting."""
+    return dict(gradient_accumulation_steps=1, learning_rate=args.lr, max_steps=args.steps + 1,
+                max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1, report_to=[],
+                save_strategy="no", use_cpu=True, bf16=args.bf16, fp16=False, seed=0,
+                dataloader_num_workers=0)
+
+
 def trl_sft(args, model_path: str, examples) -> dict:
     import torch
     from datasets import Dataset
@@ -120,11 +130,7 @@ def trl_sft(args, model_path: str, examples) -> dict:
             for e in examples]
     timer = _Timer()
     with tempfile.TemporaryDirectory() as out:
-        config = SFTConfig(output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-                           learning_rate=args.lr, max_steps=args.steps + 1, max_grad_norm=1.0,
-                           lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                           logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                           bf16=args.bf16, fp16=False, seed=0, dataloader_num_workers=0,
+        config = SFTConfig(output_dir=out, per_device_train_batch_size=args.batch, **_trainer_args(args),
                            shuffle_dataset=False, max_length=None, packing=False)
         trainer = _in_order(SFTTrainer)(
             model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), args=config,
@@ -144,11 +150,7 @@ def trl_dpo(args, model_path: str, texts: list[dict]) -> tuple[dict, list]:
 
     timer = _Timer()
     with tempfile.TemporaryDirectory() as out:
-        config = DPOConfig(output_dir=out, per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
-                           learning_rate=args.lr, max_steps=args.steps + 1, max_grad_norm=1.0,
-                           lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                           logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                           bf16=args.bf16, fp16=False, seed=0, dataloader_num_workers=0,
+        config = DPOConfig(output_dir=out, per_device_train_batch_size=args.pairs, **_trainer_args(args),
                            beta=args.beta, loss_type=["sigmoid"], max_length=None,
                            precompute_ref_log_probs=False)
         tokenizer = AutoTokenizer.from_pretrained(model_path)

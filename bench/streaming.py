@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grpo_vs_trl import ROOT, bench_ours  # noqa: E402
+from grpo_vs_trl import ROOT, add_run_args, bench_ours  # noqa: E402
 
 RUNS = {"staleness0": ["chunk_size=8", "max_staleness=0"],
         "staleness1": ["chunk_size=8", "max_staleness=1"]}
@@ -40,13 +40,7 @@ RUNS = {"staleness0": ["chunk_size=8", "max_staleness=0"],
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--beta", type=float, default=0.04)
-    ap.add_argument("--rows", type=int, default=400)
+    add_run_args(ap, steps=4)
     ap.add_argument("--extra", default="learner.autocast=bfloat16",
                     help="comma-separated overrides for both runs")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "streaming.json"))
