@@ -363,7 +363,7 @@ class LearnerWorker(WeightSender, Worker):
         engine.eval()
         B, T = batch.input_ids.shape
         out = torch.zeros((B,) if shift is None else (B, T - shift), dtype=torch.float32)
-        micro, order = self._split(batch), self._length_order(batch)
+        micro, order = self._sorted_split(batch)
         n = len(micro)
         # Under ZeRO-3 every forward gathers parameters: all ranks run the same count.
         steps = self._steps(n, collective=self.learner.zero_stage == 3)
@@ -477,15 +477,15 @@ class LearnerWorker(WeightSender, Worker):
                              f"{self.model_kind!r}")
 
     def _split(self, batch: SequenceBatch) -> list[SequenceBatch]:
-        """Micro-batches of rows of similar length, each cut to its own longest row (little
-        padding to compute on); :meth:`_length_order` is the row order they follow. The
-        losses are sums over micro-batches with global normalisers, so the order is free."""
-        return batch.select(self._length_order(batch)).split(self.learner.micro_batch_size)
+        """Micro-batches of rows of similar length (:meth:`_sorted_split`). The losses are
+        sums over micro-batches with global normalisers, so the row order is free."""
+        return self._sorted_split(batch)[0]
 
-    @staticmethod
-    def _length_order(batch: SequenceBatch) -> torch.Tensor:
-        """(B,) row indices, shortest real length first (stable)."""
-        return torch.argsort(batch.attention_mask.sum(1), stable=True)
+    def _sorted_split(self, batch: SequenceBatch) -> tuple[list[SequenceBatch], torch.Tensor]:
+        """Micro-batches of the rows sorted by real length (stable), each cut to its own
+        longest row (little padding to compute on), and the (B,) row order they follow."""
+        order = torch.argsort(batch.attention_mask.sum(1), stable=True)
+        return batch.select(order).split(self.learner.micro_batch_size), order
 
     def _split_pairs(self, batch: PreferenceBatch) -> list[PreferenceBatch]:
         return batch.split(max(1, self.learner.micro_batch_size // 2))  # 2 rows a pair

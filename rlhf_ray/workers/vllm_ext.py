@@ -1,8 +1,9 @@
 """Methods added to every vLLM worker process (``LLM(worker_extension_cls=...)``).
 
 vLLM mixes this class into its worker, so ``self`` is the vLLM worker and these methods are
-called through ``llm.collective_rpc(name, args=...)``. Tensors inside ``collective_rpc``
-arguments arrive as Python lists, so weights travel as a file path (on ``/dev/shm``).
+called through ``llm.collective_rpc(name, args=...)``. An engine in the caller's process
+takes a state dict as it is; to engine processes, tensors inside ``collective_rpc`` arguments
+arrive as Python lists, so weights travel as a file path (on ``/dev/shm``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ class WeightLoaderExtension:
         """Load a ``torch.save``-d ``{name: tensor}`` dict in place; returns the tensor count."""
         import torch
 
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        self.reload_weights(weights_iterator=iter(state.items()))
-        return len(state)
+        return self.load_weights_from_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
     def load_weights_from_dict(self, state: dict) -> int:
         """Load ``{name: tensor}`` in place (an engine in this process: no copy to a file)."""
