@@ -25,9 +25,11 @@ lint:
 
 # speed against a peer measured in the same run (bench/RESULTS.md); about 45 minutes on 2 cores
 bench:
-	$(PY) bench/learner_throughput.py
-	$(PY) bench/rollout_throughput.py
-	$(PY) bench/grpo_vs_trl.py --trl-bf16 --variants before,bf16
-	$(PY) bench/streaming.py --steps 3
-	$(PY) bench/sft_dpo_vs_trl.py
-	$(PY) bench/reward_endpoint.py
+	@start=$$(date +%s); \
+	$(PY) bench/learner_throughput.py && \
+	$(PY) bench/rollout_throughput.py && \
+	$(PY) bench/grpo_vs_trl.py --trl-bf16 --variants fused,bf16 && \
+	$(PY) bench/streaming.py --steps 3 && \
+	$(PY) bench/sft_dpo_vs_trl.py && \
+	$(PY) bench/reward_endpoint.py && \
+	echo "make bench: $$(( $$(date +%s) - start )) s" | tee bench/results/make_bench_time.txt

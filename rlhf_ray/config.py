@@ -156,7 +156,7 @@ class RolloutConfig:
     num_workers: int = option(1, "vLLM rollout workers (scale independently of the learners).")
     tensor_parallel_size: int = option(1, "vLLM tensor-parallel size per worker (GPU).")
     max_model_len: int = option(1024, "vLLM context length (prompt plus response).")
-    kv_cache_gib: int = option(1, "KV-cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_gib: float = option(1.0, "KV-cache size on CPU in GiB, fractions allowed (a VLLM_CPU_KVCACHE_SPACE in the environment overrides it).")
     gpu_memory_utilization: float = option(0.5, "Fraction of GPU memory vLLM may take (GPU).")
     enforce_eager: bool | None = option(None, "vLLM eager mode, no CUDA graphs (null: true on CPU, false on GPU).")
     max_num_seqs: int | None = option(None, "Most sequences vLLM runs at once (null: vLLM's default).")
@@ -177,6 +177,8 @@ class RolloutConfig:
                         "gpus_per_worker", self.gpus_per_worker, self.resources)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"rollout.gpu_memory_utilization: expected 0 < x <= 1, got {self.gpu_memory_utilization}")
+        if not self.kv_cache_gib > 0:
+            raise ConfigError(f"rollout.kv_cache_gib: expected a size in GiB > 0, got {self.kv_cache_gib}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError(f"rollout.max_num_seqs: expected at least 1 (or null), got {self.max_num_seqs}")
 
@@ -193,6 +195,7 @@ class RewardConfig:
     normalize: bool = option(False, "Normalise scores with the mean/std stored in the reward model's config.")
     clip: float | None = option(None, "Clip scores to [-clip, clip] (null: no clip).")
     micro_batch_size: int = option(16, "Episodes scored per forward pass.")
+    threads: int | None = option(None, "Torch CPU threads of a RewardServer's reward model (CPU only). null: cpus_per_replica when at least 1, else the cores of its node.")
     url: str | None = option(None, "Remote reward endpoint speaking the `rlhf-ray serve-rm` API, e.g. http://host:8000 (null: none). Added to the model's and function's scores.")
     url_token_env: str = option("RLHF_RAY_REWARD_TOKEN", "Environment variable that holds the endpoint's bearer token (read by the reward worker, never stored; unset: no token sent).")
     url_timeout_s: float = option(30.0, "Timeout of one request to reward.url, in seconds.")
@@ -209,6 +212,8 @@ class RewardConfig:
             raise ConfigError(f"reward.url: expected an http:// or https:// address, got {self.url!r}")
         check_placement("reward", "num_replicas", self.num_replicas, "cpus_per_replica", self.cpus_per_replica,
                         "gpus_per_replica", self.gpus_per_replica, self.resources)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"reward.threads: expected at least 1 or null, got {self.threads}")
         if self.url_timeout_s <= 0 or self.url_retries < 0:
             raise ConfigError(f"reward.url_timeout_s must be > 0 and reward.url_retries >= 0, "
                               f"got {self.url_timeout_s} and {self.url_retries}")
@@ -262,12 +267,15 @@ class ReferenceConfig:
     gpus_per_replica: float = option(0.0, "Ray GPUs per ReferenceServer; a fraction shares a GPU with another role. >0 runs it on the GPU.")
     resources: dict[str, float] = option({}, "Custom Ray resources per ReferenceServer.")
     micro_batch_size: int = option(8, "Episodes per reference forward pass.")
+    threads: int | None = option(None, "Torch CPU threads per ReferenceServer (CPU only). null: cpus_per_replica when at least 1, else the cores of its node (its forwards run while the rollouts wait for them).")
 
     def validate(self) -> None:
         check_placement("reference", "num_replicas", self.num_replicas, "cpus_per_replica", self.cpus_per_replica,
                         "gpus_per_replica", self.gpus_per_replica, self.resources)
         if self.micro_batch_size < 1:
             raise ConfigError(f"reference.micro_batch_size: expected at least 1, got {self.micro_batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"reference.threads: expected at least 1 or null, got {self.threads}")
 
 
 @dataclass

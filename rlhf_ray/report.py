@@ -58,6 +58,13 @@ def write_report(path: Path, cfg, result: dict, summaries: dict[str, dict]) -> P
         shown = [f"`{k}` {_metric(summary, k)}" for k in STAGE_KEYS.get(name, [])
                  if k in summary.get("metrics", {})]
         lines.append(f"| {name} | {summary.get('wall_s', 0):.0f} | {'; '.join(shown) or '-'} |")
+    stage_peaks = result.get("stage_peak_rss_gib") or {}
+    if stage_peaks:
+        lines += ["", "## Memory", "", "Peak memory (PSS, all processes) while each stage ran, in GiB:", "",
+                  "| " + " | ".join(stage_peaks) + " |", "|" + "---|" * len(stage_peaks),
+                  "| " + " | ".join(f"{v:.2f}" for v in stage_peaks.values()) + " |", "",
+                  "At the overall peak: " + ", ".join(f"`{k}` {v:.2f}" for k, v in
+                                                      (result.get("peak_rss_by_process_gib") or {}).items()) + "."]
     for name in ("ppo", "rs"):
         plot = (summaries.get(name) or {}).get("outputs", {}).get("plot")
         if plot and Path(plot).is_file():

@@ -11,7 +11,6 @@ from rlhf_ray.errors import UserError
 
 # Set for every worker process; each value can be overridden by the user's environment.
 WORKER_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
@@ -20,10 +19,12 @@ WORKER_ENV = {
 }
 
 
-def worker_env(kv_cache_gib: int | None = None) -> dict[str, str]:
+def worker_env() -> dict[str, str]:
+    """The variables above (the user's values win); a user's ``VLLM_CPU_KVCACHE_SPACE`` is
+    passed on too, where it overrides ``rollout.kv_cache_gib``."""
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
-    if kv_cache_gib is not None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]
     try:
         import torch
 
@@ -115,6 +116,8 @@ class MemoryMonitor:
 
     Proportional set size (PSS) is used where the kernel reports it, so pages shared between
     workers (torch's libraries) count once; otherwise plain RSS, which overcounts them.
+    ``stage(name)`` labels the samples taken until the next call: ``stage_peaks_gib`` gives
+    each label's peak, and ``peak_breakdown`` the processes (by name) at the overall peak.
     """
 
     def __init__(self, interval_s: float = 1.0):
@@ -122,30 +125,58 @@ class MemoryMonitor:
 
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.stage_peaks: dict[str, int] = {}
+        self.peak_breakdown: dict[str, int] = {}
+        self._stage = "start"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="memory-monitor")
 
+    def stage(self, name: str) -> None:
+        self._stage = name
+
     def sample(self) -> int:
+        return sum(self.sample_by_process().values())
+
+    def sample_by_process(self) -> dict[str, int]:
+        """Bytes per process name (a Ray worker's name is its actor class, ``ray::Learner``)."""
         import psutil
 
         root = psutil.Process()
-        total = 0
+        usage: dict[str, int] = {}
         for proc in [root, *root.children(recursive=True)]:
             try:
                 info = proc.memory_full_info()
-                total += getattr(info, "pss", 0) or info.rss
+                name = proc.name()
             except psutil.Error:
                 continue
-        return total
+            name = name.split(".")[0] if name.startswith("ray::") else name
+            usage[name] = usage.get(name, 0) + (getattr(info, "pss", 0) or info.rss)
+        return usage
+
+    def _record(self) -> None:
+        usage = self.sample_by_process()
+        total = sum(usage.values())
+        label = self._stage
+        self.stage_peaks[label] = max(self.stage_peaks.get(label, 0), total)
+        if total > self.peak_bytes:
+            self.peak_bytes, self.peak_breakdown = total, usage
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self.sample())
+            self._record()
             self._stop.wait(self.interval_s)
 
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / 2**30
+
+    @property
+    def stage_peaks_gib(self) -> dict[str, float]:
+        return {k: round(v / 2**30, 2) for k, v in self.stage_peaks.items()}
+
+    def peak_breakdown_gib(self, top: int = 8) -> dict[str, float]:
+        ranked = sorted(self.peak_breakdown.items(), key=lambda kv: -kv[1])[:top]
+        return {k: round(v / 2**30, 2) for k, v in ranked}
 
     def __enter__(self) -> MemoryMonitor:
         self._thread.start()

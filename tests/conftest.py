@@ -19,7 +19,6 @@ import pytest
 
 # The environment from ENV.md, set before anything imports vllm, ray or deepspeed.
 TEST_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "DS_ACCELERATOR": "cpu",
     "HF_HUB_OFFLINE": "1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -60,6 +61,19 @@ def test_config_rejects_bad_keys_and_values(args, needle):
     out = cli("config", "sft", *args)
     assert out.returncode != 0
     assert needle in out.stderr
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("rollout.kv_cache_gib=0", "rollout.kv_cache_gib: expected a size in GiB > 0, got 0"),
+    ("reference.threads=0", "reference.threads: expected at least 1 or null, got 0"),
+    ("reward.threads=0", "reward.threads: expected at least 1 or null, got 0"),
+])
+def test_serving_sizes_are_checked(override, needle):
+    from rlhf_ray.config import PPOConfig
+
+    assert build_config(PPOConfig, None, ["rollout.kv_cache_gib=0.25"]).rollout.kv_cache_gib == 0.25
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        build_config(PPOConfig, None, ["reward.function=arithmetic", override])
 
 
 def test_config_rejects_unknown_recipe_and_bad_yaml(tmp_path):

@@ -101,7 +101,8 @@ class Roles:
         reference = reference or ReferenceConfig()
         return self._start(ReferenceServer, "reference", reference.num_replicas,
                            args=(model, reference.dtype or dtype, reference.micro_batch_size),
-                           kwargs=dict(autocast=autocast),
+                           kwargs=dict(autocast=autocast, threads=reference.threads,
+                                       reserved_cpus=reference.cpus_per_replica),
                            keys={"CPU": "reference.cpus_per_replica", "GPU": "reference.gpus_per_replica"},
                            resources=WorkerResources(reference.cpus_per_replica, reference.gpus_per_replica,
                                                      custom=dict(reference.resources)))

@@ -1,6 +1,6 @@
 """One run of a recipe, from its run folder to its ``summary.json``.
 
-    with Run(cfg, "sft", kv_cache_gib=None) as run:
+    with Run(cfg, "sft") as run:
         learners = run.roles.learners(...)
         start = run.restore(learners)            # 0, or the step of the checkpoint resumed
         for step in run.steps(start, total):
@@ -52,14 +52,14 @@ class Run:
 
     def __init__(self, cfg: Any, recipe: str, *,
                  resumable: tuple[str, ...] | None = checkpoint.RESUMABLE_KEYS,
-                 kv_cache_gib: int | None = None, data_fingerprint: str = ""):
+                 data_fingerprint: str = ""):
         """``resumable``: config keys that may change between the halves of a resumed run;
         None: this recipe keeps no checkpoints and cannot resume. ``data_fingerprint``: a
         hash of the training data; a resume with other data is refused."""
         self.cfg, self.recipe = cfg, recipe
         self.run_dir = Path(cfg.run_dir)
         self.resumable, self.data_fingerprint = resumable, data_fingerprint
-        self.roles = Roles(cfg.ray, worker_env(kv_cache_gib), on_connect=self._catch_sigterm)
+        self.roles = Roles(cfg.ray, worker_env(), on_connect=self._catch_sigterm)
         self.resume_from: Path | None = None
         self.resume_state: checkpoint.JobState | None = None
         self.logger: RunLogger | None = None

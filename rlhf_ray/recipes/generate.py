@@ -26,7 +26,7 @@ from rlhf_ray.files import write_jsonl_atomic
 
 
 def run(cfg: GenerateConfig) -> dict:
-    with Run(cfg, "generate", resumable=None, kv_cache_gib=cfg.rollout.kv_cache_gib) as run:
+    with Run(cfg, "generate", resumable=None) as run:
         model_path = resolve_model(cfg.model.path, role="rollout")
         # 1. prompts
         with run.phase("data"):

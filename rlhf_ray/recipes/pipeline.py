@@ -48,6 +48,7 @@ def run(cfg: PipelineConfig) -> dict:
         stage_cfg = dataclasses.replace(stage_cfg, run_dir=str(run_dir / name), ray=cfg.ray,
                                         logging=cfg.logging, **changes)
         print(f"pipeline: stage {name} -> {stage_cfg.run_dir}")
+        memory.stage(name)
         summaries[name] = import_module(f"rlhf_ray.recipes.{name}").run(stage_cfg)
         return summaries[name]["outputs"]
 
@@ -85,12 +86,13 @@ def run(cfg: PipelineConfig) -> dict:
             models["dpo"] = stage("dpo", cfg.dpo, model=with_model(cfg.dpo.model, sft_model),
                                   reference=with_model(cfg.dpo.reference, sft_model), data=data)["model"]
         # 6. every stage's model on the same held-out task
+        memory.stage("score")
         scores = _score_models(cfg, models)
-    return _finish(cfg, run_dir, models, scores, summaries, memory.peak_gib, time.time() - started)
+    return _finish(cfg, run_dir, models, scores, summaries, memory, time.time() - started)
 
 
 def _finish(cfg: PipelineConfig, run_dir: Path, models: dict[str, str], scores: dict[str, float],
-            summaries: dict[str, dict], peak_gib: float, wall_s: float) -> dict:
+            summaries: dict[str, dict], memory: MemoryMonitor, wall_s: float) -> dict:
     """The stage-scores plot, ``report.md`` and ``summary.json``."""
     plot = stage_scores_plot(scores, run_dir / "stage_scores.png")
     result = {"recipe": "pipeline", "models": models, "heldout_score": scores,
@@ -98,11 +100,12 @@ def _finish(cfg: PipelineConfig, run_dir: Path, models: dict[str, str], scores: 
                           **{f"{k}_model": v for k, v in models.items()}},
               "stages": {k: {"wall_s": v.get("wall_s"), "outputs": v.get("outputs")} for k, v in summaries.items()},
               "metrics": {f"eval/score_{k}": {"first": scores["base"], "final": v} for k, v in scores.items()},
-              "peak_rss_gib": round(peak_gib, 2), "wall_s": round(wall_s, 1)}
+              "peak_rss_gib": round(memory.peak_gib, 2), "stage_peak_rss_gib": memory.stage_peaks_gib,
+              "peak_rss_by_process_gib": memory.peak_breakdown_gib(), "wall_s": round(wall_s, 1)}
     write_report(run_dir / "report.md", cfg, result, summaries)
     write_json_atomic(run_dir / "summary.json", result)
     print(f"pipeline: held-out {cfg.eval_checker} score by stage: {json.dumps(scores)}; "
-          f"peak RSS {peak_gib:.2f} GiB; report {run_dir / 'report.md'}")
+          f"peak RSS {memory.peak_gib:.2f} GiB; report {run_dir / 'report.md'}")
     return result
 
 

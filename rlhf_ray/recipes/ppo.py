@@ -88,7 +88,7 @@ def run(cfg: PPOConfig) -> dict:
     kl = KLPenalty(cfg.kl)
     data_id = batches.fingerprint([p.prompt_ids for p in train_prompts])
 
-    with Run(cfg, "ppo", resumable=RESUMABLE, kv_cache_gib=cfg.rollout.kv_cache_gib,
+    with Run(cfg, "ppo", resumable=RESUMABLE,
              data_fingerprint=data_id) as run:
         # 1. the roles; resume=auto restores the learners, the KL coefficient and the history
         workers = _start(run, cfg, policy_path)

@@ -25,7 +25,7 @@ from rlhf_ray.files import write_jsonl_atomic
 
 
 def run(cfg: PrefsConfig) -> dict:
-    with Run(cfg, "prefs", resumable=None, kv_cache_gib=cfg.rollout.kv_cache_gib) as run:
+    with Run(cfg, "prefs", resumable=None) as run:
         out = run.run_dir / "prefs.jsonl"
         if cfg.judge == "labels":
             rows = [row_to_dict(r) for r in load_rows(cfg.data, cfg.split).rows]

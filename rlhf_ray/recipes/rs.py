@@ -47,7 +47,7 @@ def run(cfg: RSConfig) -> dict:
     optimizer_steps_per_round = -(-cfg.prompts_per_round // cfg.batch_size) * cfg.epochs
     data_id = batches.fingerprint([p.prompt_ids for p in train])
 
-    with Run(cfg, "rs", resumable=RESUMABLE, kv_cache_gib=cfg.rollout.kv_cache_gib,
+    with Run(cfg, "rs", resumable=RESUMABLE,
              data_fingerprint=data_id) as run:
         with run.phase("start"):
             rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)

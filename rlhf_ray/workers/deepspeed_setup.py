@@ -126,7 +126,9 @@ def full_state_dict(module: torch.nn.Module, zero3: bool, keep: bool) -> dict[st
 
     Under ZeRO-3 each parameter is gathered in turn (a collective: every rank must call);
     only a rank with ``keep`` copies the tensors, the others return ``{}``. Tied weights
-    appear under each of their names and share one tensor.
+    appear under each of their names and share one tensor. Parameters already on the CPU
+    (ZeRO-0/1/2) are returned as detached views, not copies: every caller serializes them
+    (object store, file) before the next step changes them.
     """
     keys = set(module.state_dict().keys())
     copies: dict[int, torch.Tensor] = {}
@@ -139,7 +141,7 @@ def full_state_dict(module: torch.nn.Module, zero3: bool, keep: bool) -> dict[st
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     copies[id(p)] = p.data.detach().to("cpu", copy=True) if keep else None
             else:
-                copies[id(p)] = p.detach().to("cpu", copy=True) if keep else None
+                copies[id(p)] = p.detach().to("cpu") if keep else None
         if keep and name in keys:
             out[name] = copies[id(p)]
     if keep:

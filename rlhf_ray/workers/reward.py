@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from rlhf_ray.batch import Episode
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.errors import UserError
-from rlhf_ray.workers.group import Worker, role_device
+from rlhf_ray.workers.group import Worker, role_device, set_cpu_threads
 
 RewardFn = Callable[[str, str, object], float]
 
@@ -216,6 +216,8 @@ class RewardServer(Worker):
 
     def __init__(self, reward: RewardConfig, dtype: str = "float32", name: str = "reward"):
         self.cfg, self.name = reward, name
+        # torch threads matter only for a reward model's forward
+        self.threads = set_cpu_threads(reward.threads, reward.cpus_per_replica) if reward.model else 1
         self.scorer = RewardScorer(reward, dtype, role_device())
         self.batcher = MicroBatcher(self.scorer.score)
 
@@ -231,4 +233,5 @@ class RewardServer(Worker):
                 "forward_batches": self.scorer.forward_batches}
 
     def health(self) -> dict:
-        return {**super().health(), "name": self.name, **self.scorer.describe(), "time": time.time()}
+        return {**super().health(), "name": self.name, **self.scorer.describe(), "threads": self.threads,
+                "time": time.time()}

@@ -8,7 +8,7 @@ import time
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import Episode
 from rlhf_ray.config import EnvConfig, RolloutConfig, SamplingConfig
-from rlhf_ray.workers.group import Worker
+from rlhf_ray.workers.group import Worker, release_free_memory
 
 EXTENSION = "rlhf_ray.workers.vllm_ext.WeightLoaderExtension"
 
@@ -40,7 +40,8 @@ class RolloutWorker(Worker):
             "enable_prefix_caching": config.cache_config.enable_prefix_caching,
             "gpu_memory_utilization": config.cache_config.gpu_memory_utilization,
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
-            "max_model_len": config.model_config.max_model_len}
+            "max_model_len": config.model_config.max_model_len,
+            "kv_cache_gib": (config.cache_config.kv_cache_memory_bytes or 0) / 2**30 or None}
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self.max_model_len = rollout.max_model_len
@@ -128,6 +129,8 @@ class RolloutWorker(Worker):
             finally:
                 if os.path.exists(path):
                     os.remove(path)
+        del state
+        release_free_memory()  # the engine's transient copies made while loading
         self.llm.reset_prefix_cache()
         self.version = version
         return {"sync/tensors": float(count), "perf/sync_s": time.perf_counter() - start,

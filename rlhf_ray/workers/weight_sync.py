@@ -118,11 +118,16 @@ class WeightSender:
         bf16 engine gets half the bytes (it would cast them on load anyway)."""
         import ray
 
+        from rlhf_ray.workers.group import release_free_memory
+
         state = self.get_state_dict()
         if dtype is not None:
             target = getattr(torch, dtype)
             state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-        return [ray.put(state)] if state else []
+        refs = [ray.put(state)] if state else []
+        del state
+        release_free_memory()
+        return refs
 
     def weights_metadata(self) -> list[TensorMeta]:
         state = self.get_state_dict()

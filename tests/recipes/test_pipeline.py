@@ -42,6 +42,11 @@ def test_pipeline_tiny_end_to_end(ray_local, tmp_path):
     assert (tmp_path / "stage_scores.png").stat().st_size > 1000
     assert (tmp_path / "ppo.png").is_file() and "ppo.png" in report
     assert result["peak_rss_gib"] > 0.5
+    # every stage's peak, and which processes held the memory at the overall peak
+    assert set(result["stage_peak_rss_gib"]) >= {"sft", "prefs", "rm", "rs", "ppo", "dpo", "score"}
+    assert max(result["stage_peak_rss_gib"].values()) == pytest.approx(result["peak_rss_gib"], abs=0.01)
+    assert sum(result["peak_rss_by_process_gib"].values()) <= result["peak_rss_gib"] + 0.01
+    assert "## Memory" in report
     assert json.loads((tmp_path / "summary.json").read_text())["outputs"]["report"].endswith("report.md")
 
 

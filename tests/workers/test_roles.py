@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def hf_response_logprobs(model, episodes: list[Episode], temperature: float = 1.
 @pytest.fixture(scope="module")
 def rollouts(ray_local, tiny_llama):
     group = WorkerGroup(RolloutWorker, "rollout", 2, resources=FREE,
-                        args=(tiny_llama, RolloutConfig(max_model_len=256)))
+                        args=(tiny_llama, RolloutConfig(max_model_len=256, kv_cache_gib=0.25)))
     yield group
     group.shutdown()
 
@@ -40,6 +42,8 @@ def test_two_rollout_workers_share_prompts_and_group_samples(rollouts):
     refs = [rollouts.submit(r, "generate", halves[r], sampling, [2 * r, 2 * r + 1]) for r in range(2)]
     results = rollouts.get(refs, [0, 1], "generate")
     episodes = [e for eps in results for e in eps]
+    # a fractional KV-cache size reaches the engine (no whole-GiB variable overrides it)
+    assert rollouts.call("health")[0]["engine"]["kv_cache_gib"] == 0.25
     assert len(episodes) == len(PROMPTS) * 3
     assert [e.prompt_index for e in episodes] == [i for i in range(4) for _ in range(3)]
     assert [e.sample_index for e in episodes] == [0, 1, 2] * 4
@@ -109,6 +113,8 @@ def test_reference_server_matches_transformers(rollouts, tiny_llama):
                         resources=FREE)
     try:
         ref = group.call("logprobs", episodes)[0]
+        # it reserves no CPU, so it borrows every core for its forwards (Ray would give it one)
+        assert group.call("health")[0]["threads"] == len(os.sched_getaffinity(0))
     finally:
         group.shutdown()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -124,9 +130,10 @@ def test_reward_server_batches_concurrent_requests(rollouts, tiny_rm):
     import ray
 
     episodes = _episodes(rollouts)
-    cfg = RewardConfig(model=tiny_rm, function="reward_fns:response_length", micro_batch_size=64)
+    cfg = RewardConfig(model=tiny_rm, function="reward_fns:response_length", micro_batch_size=64, threads=1)
     server = WorkerGroup(RewardServer, "reward", 1, args=(cfg,), resources=FREE)
     try:
+        assert server.call("health")[0]["threads"] == 1  # as set
         alone = server.call("score", episodes[:1])[0]
         chunks = [episodes[i: i + 1] for i in range(len(episodes))]
         refs = [server.submit(0, "score", c) for c in chunks]
