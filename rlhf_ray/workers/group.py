@@ -89,7 +89,7 @@ def role_device() -> str:
 
 
 def set_cpu_threads(threads: int | None, reserved_cpus: float) -> int:
-    """Torch's intra-op CPU threads for a serving role (reference, reward model); returns
+    """Torch's intra-op CPU threads for a serving role (rollout, reference, reward model); returns
     the count. ``threads`` set: that many. Null: the CPUs the role reserved when at least
     one, else every core of the node: a role that reserves no CPU borrows the machine for
     its forwards, which run while the rollouts wait for them (Ray would give it one thread).

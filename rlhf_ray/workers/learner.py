@@ -315,7 +315,8 @@ class LearnerWorker(WeightSender, Worker):
             norm = engine.get_global_grad_norm() if own_norm is None else own_norm
             metrics[f"{prefix}/grad_norm"] = float(norm) if norm is not None else math.nan
             metrics[f"{prefix}/lr"] = lrs[prefix]
-        release_free_memory()  # the step's gradients and activations, back to the OS
+        if self.learner.trim_memory:
+            release_free_memory()  # the step's gradients and activations, back to the OS
         metrics["perf/train_s"] = time.perf_counter() - t0
         return metrics
 

