@@ -134,9 +134,6 @@ class MemoryMonitor:
     def stage(self, name: str) -> None:
         self._stage = name
 
-    def sample(self) -> int:
-        return sum(self.sample_by_process().values())
-
     def sample_by_process(self) -> dict[str, int]:
         """Bytes per process name (a Ray worker's name is its actor class, ``ray::Learner``)."""
         import psutil

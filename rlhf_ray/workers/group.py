@@ -88,6 +88,11 @@ def role_device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
+def node_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_cpu_threads(threads: int | None, reserved_cpus: float) -> int:
     """Torch's intra-op CPU threads for a serving role (rollout, reference, reward model); returns
     the count. ``threads`` set: that many. Null: the CPUs the role reserved when at least
@@ -99,10 +104,7 @@ def set_cpu_threads(threads: int | None, reserved_cpus: float) -> int:
     if torch.cuda.is_available() and ray.get_gpu_ids():
         return torch.get_num_threads()
     if threads is None:
-        if reserved_cpus >= 1:
-            threads = int(reserved_cpus)
-        else:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = int(reserved_cpus) if reserved_cpus >= 1 else node_cores()
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
 

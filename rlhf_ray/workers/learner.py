@@ -39,7 +39,7 @@ from rlhf_ray.data.collate import block_causal_mask
 from rlhf_ray.losses import token_logprobs
 from rlhf_ray.models import load_model, sequence_scores
 from rlhf_ray.workers import deepspeed_setup
-from rlhf_ray.workers.group import Worker, free_port, release_free_memory
+from rlhf_ray.workers.group import Worker, free_port, node_cores, release_free_memory
 from rlhf_ray.workers.weight_sync import WeightSender
 
 # deepspeed is imported inside the methods that use it: it picks its accelerator when
@@ -133,7 +133,7 @@ class LearnerWorker(WeightSender, Worker):
             return torch.get_num_threads()
         threads = self.learner.threads
         if threads is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = node_cores()
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             threads = max(1, cores // local_ranks) if self.exclusive else max(1, int(self.learner.cpus_per_worker))
         torch.set_num_threads(threads)
@@ -315,10 +315,14 @@ class LearnerWorker(WeightSender, Worker):
             norm = engine.get_global_grad_norm() if own_norm is None else own_norm
             metrics[f"{prefix}/grad_norm"] = float(norm) if norm is not None else math.nan
             metrics[f"{prefix}/lr"] = lrs[prefix]
-        if self.learner.trim_memory:
-            release_free_memory()  # the step's gradients and activations, back to the OS
+        self.release_memory()  # the step's gradients and activations
         metrics["perf/train_s"] = time.perf_counter() - t0
         return metrics
+
+    def release_memory(self) -> None:
+        """With ``learner.trim_memory``, hand freed heap memory back to the OS."""
+        if self.learner.trim_memory:
+            release_free_memory()
 
     def _loop(self, micro_batches: list, loss_fn: LossFn, engines: list, train: bool,
               collective: bool) -> dict[str, float]:

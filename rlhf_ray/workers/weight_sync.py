@@ -118,17 +118,17 @@ class WeightSender:
         bf16 engine gets half the bytes (it would cast them on load anyway)."""
         import ray
 
-        from rlhf_ray.workers.group import release_free_memory
-
         state = self.get_state_dict()
         if dtype is not None:
             target = getattr(torch, dtype)
             state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
         refs = [ray.put(state)] if state else []
         del state
-        if getattr(getattr(self, "learner", None), "trim_memory", False):
-            release_free_memory()
+        self.release_memory()
         return refs
+
+    def release_memory(self) -> None:
+        """Called after memory-heavy work (a publish); the learner may trim its heap."""
 
     def weights_metadata(self) -> list[TensorMeta]:
         state = self.get_state_dict()
