@@ -146,7 +146,9 @@ def bench_ours(args, name: str, overrides: list[str]) -> dict:
         history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
         summary = json.loads((run_dir / "summary.json").read_text())
     parts = {key: statistics.median(h[key] for h in history[1:] or history)
-             for key in ("perf/gen_s", "perf/train_s", "perf/sync_s", "perf/score_s")}
+             for key in ("perf/gen_s", "perf/train_s", "perf/sync_s", "perf/score_s",
+                         "perf/sync_publish_s", "perf/sync_load_s")
+             if all(key in h for h in history)}
     # the log-prob agreement the variant costs: vLLM's sampling log-probs vs the learner's
     agreement = {key: statistics.median(h[key] for h in history if key in h)
                  for key in ("rollout/mismatch_kl", "rollout/is_weight_mean", "perf/pi_old_s")

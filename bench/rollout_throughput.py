@@ -1,6 +1,6 @@
 """Rollout throughput: the project's vLLM engine against Hugging Face ``generate``, same run.
 
-    .venv/bin/python bench/rollout_throughput.py                       # SmolLM2, CPU, fp32
+    .venv/bin/python bench/rollout_throughput.py                       # SmolLM2, CPU, fp32, 128 prompts x 128 tokens
     .venv/bin/python bench/rollout_throughput.py --prompts 256 --dtype bfloat16
 
 Both engines answer the same Alpaca-templated arithmetic prompts with exactly
@@ -31,12 +31,27 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
     return [p.prompt_ids for p in load_prompts(data, tokenizer, 512, "train")[:n]]
 
 
-def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str) -> dict:
+def kv_gib_for(model: str, ids: list[list[int]], new_tokens: int, dtype: str) -> float:
+    """The KV cache that holds every sequence of the batch at full length, rounded up to a
+    quarter GiB: the engine sized for its batch, as a rollout worker's ``rollout.kv_cache_gib``
+    should be (too small and vLLM preempts and recomputes sequences near the end)."""
+    import math
+
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (4 if dtype == "float32" else 2)
+    tokens = sum(len(p) + new_tokens for p in ids)
+    return math.ceil(per_token * tokens * 1.1 / 2**30 * 4) / 4
+
+
+def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv_gib: float) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     from rlhf_ray.workers.engine import make_llm, shutdown_llm
 
-    llm = make_llm(model, dtype=dtype, max_model_len=512)
+    llm = make_llm(model, dtype=dtype, max_model_len=512, kv_cache_gib=kv_gib)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens,
                                 ignore_eos=True)
@@ -48,7 +63,7 @@ def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str) ->
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     finally:
         shutdown_llm(llm)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "kv_cache_gib": kv_gib}
 
 
 def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batch: int) -> dict:
@@ -77,10 +92,13 @@ def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batc
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="asset name or HF folder")
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--kv-cache-gib", type=float, default=None,
+                    help="vLLM's KV cache (default: enough for the whole batch at full length)")
+    ap.add_argument("--skip-hf", action="store_true", help="vLLM only (tuning runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout_throughput.json"))
     args = ap.parse_args()
 
@@ -94,9 +112,13 @@ def main() -> int:
     result = {
         "model": args.model, "dtype": args.dtype, "prompts": len(ids),
         "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count(), "machine": platform.machine(),
-        "vllm": bench_vllm(model, ids, args.max_new_tokens, args.dtype),
-        "hf_generate": bench_hf(model, ids, args.max_new_tokens, args.dtype, args.hf_batch),
+        "vllm": bench_vllm(model, ids, args.max_new_tokens, args.dtype,
+                           args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype)),
     }
+    if args.skip_hf:
+        print(f"vLLM: {result['vllm']['tokens_per_s']:.1f} tokens/s ({result['vllm']})")
+        return 0
+    result["hf_generate"] = bench_hf(model, ids, args.max_new_tokens, args.dtype, args.hf_batch)
     result["speedup_vllm_over_hf"] = result["vllm"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

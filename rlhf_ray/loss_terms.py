@@ -20,7 +20,6 @@ from rlhf_ray.experience import rollout_correction
 from rlhf_ray.losses import (
     dpo_loss,
     entropy_bonus_loss,
-    entropy_from_logits,
     gspo_policy_loss,
     kl_penalty_loss,
     masked_sum,
@@ -115,7 +114,7 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceB
     share = mask.sum() / real_tokens  # weight of this micro-batch's token means
     if settings.temperature != 1.0:
         logits = logits / settings.temperature
-    logprobs = token_logprobs(logits, mb.input_ids)
+    logprobs, entropy = token_logprobs(logits, mb.input_ids, with_entropy=True)  # (B, T-1) each
     advantages, stats = mb.advantages, {}
     if mb.old_logprobs is None:  # pi_old is this very forward's policy: ratio 1
         old = logprobs.detach()
@@ -126,10 +125,7 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceB
     loss, m = policy_loss(logprobs, old, advantages, mask, settings.clip_eps,
                           settings.clip_eps_high, settings.dual_clip, **agg)
     stats.update({"policy/loss": loss, **{f"policy/{k}": v * share for k, v in m.items()}})
-    with torch.no_grad():  # one row at a time: no (B, T, V) fp32 temporaries
-        entropy = torch.stack([masked_sum(entropy_from_logits(row[:-1].float()), row_mask)
-                               for row, row_mask in zip(logits, mask)])
-        stats["policy/entropy"] = entropy.sum() / real_tokens
+    stats["policy/entropy"] = masked_sum(entropy, mask) / real_tokens
     if settings.entropy_coef:
         loss = loss + settings.entropy_coef * entropy_bonus_loss(logits[:, :-1], mask, **agg)
     if mb.ref_logprobs is not None:

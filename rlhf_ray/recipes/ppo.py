@@ -389,12 +389,15 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl: KLPenalty):
 def pi_old_in_update(cfg: PPOConfig) -> bool:
     """Whether pi_old can be the update's own forward instead of a separate pass before it.
     It can when that forward runs on exactly pi_old's weights and nothing before the update
-    needs pi_old: one optimizer step per batch (``ppo_epochs = mini_batches = 1``), on-policy
-    (``max_staleness = 0``), critic-free advantages and the KL in the loss (so no advantage
-    or reward is shaped by it), unless ``pi_old=recompute``. The result is the same; the pass
-    costs about a third of a training step."""
+    needs pi_old: one optimizer step per batch (``ppo_epochs = mini_batches = 1``),
+    critic-free advantages and the KL in the loss (so no advantage or reward is shaped by
+    it), unless ``pi_old=recompute``. The result is the same; the pass costs about a third
+    of a training step. Staleness does not matter: pi_old is the learners' policy at train
+    time either way (the separate pass runs right before the update, on the same weights),
+    and the rollout correction, which covers the sampler's older weights, is computed from
+    it in both places."""
     return (cfg.pi_old == "auto" and cfg.ppo_epochs == 1 and cfg.mini_batches == 1
-            and cfg.max_staleness == 0 and cfg.advantage != "gae" and cfg.kl.mode == "loss")
+            and cfg.advantage != "gae" and cfg.kl.mode == "loss")
 
 
 def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, train_policy: bool = True) -> dict:

@@ -126,6 +126,27 @@ def release_free_memory() -> None:
         pass
 
 
+def reuse_freed_memory() -> bool:
+    """Keep the memory this process frees in its heap for the next allocation (glibc
+    ``mallopt``): no allocation is served by its own ``mmap`` and the heap's top is never
+    trimmed on its own. Returns whether it applied (glibc only).
+
+    By default glibc maps every block above 32 MiB (logits, their gradient, an embedding's
+    gradient) fresh from the OS and unmaps it on free, so each training step faults in
+    hundreds of MiB of new pages, a cost a VM makes dear (measured: a DPO step of
+    SmolLM2-135M, 8.4 -> 6.8 s). :func:`release_free_memory` still hands memory back on
+    request (``learner.trim_memory``)."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_max = -1, -4
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

@@ -39,7 +39,13 @@ from rlhf_ray.data.collate import block_causal_mask
 from rlhf_ray.losses import token_logprobs
 from rlhf_ray.models import load_model, sequence_scores
 from rlhf_ray.workers import deepspeed_setup
-from rlhf_ray.workers.group import Worker, free_port, node_cores, release_free_memory
+from rlhf_ray.workers.group import (
+    Worker,
+    free_port,
+    node_cores,
+    release_free_memory,
+    reuse_freed_memory,
+)
 from rlhf_ray.workers.weight_sync import WeightSender
 
 # deepspeed is imported inside the methods that use it: it picks its accelerator when
@@ -82,6 +88,8 @@ class LearnerWorker(WeightSender, Worker):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.zeros(2).sum()  # the first tensor call is slow; pay it at start-up
+        if learner.reuse_memory and not torch.cuda.is_available():
+            reuse_freed_memory()
         self.model_path, self.learner, self.optim, self.dtype = model_path, learner, optim, dtype
         self.model_kind, self.with_value, self.total_steps = model_kind, with_value, total_steps
         self.seed, self.value_model_path = seed, value_model_path
@@ -173,8 +181,12 @@ class LearnerWorker(WeightSender, Worker):
         return engine
 
     def shutdown(self) -> None:
-        """Destroy the process group and remove this rank's DeepSpeed shm buffer."""
+        """Destroy the process group, remove this rank's DeepSpeed shm buffer and close the
+        shared weights (a memfd: freed once no process maps it)."""
         self.model = self.value = self._hf_ds_config = None
+        if getattr(self, "_shared_weights", None) is not None:
+            self._shared_weights.close()
+            self._shared_weights = None
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         if self._shm_file and os.path.exists(self._shm_file):

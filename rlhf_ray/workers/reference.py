@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlhf_ray.batch import Episode, SequenceBatch
-from rlhf_ray.workers.group import Worker, role_device, set_cpu_threads
+from rlhf_ray.workers.group import Worker, reuse_freed_memory, role_device, set_cpu_threads
 
 
 def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_size: int,
@@ -55,6 +55,8 @@ class ReferenceServer(Worker):
         self.path = resolve_model(model_path, role="reference")
         self.device = role_device()
         self.threads = set_cpu_threads(threads, reserved_cpus)
+        if self.device == "cpu":  # its logits are fresh blocks each call otherwise
+            reuse_freed_memory()
         self.model = AutoModelForCausalLM.from_pretrained(
             self.path, dtype=getattr(torch, dtype)).eval().to(self.device)
         self.model.requires_grad_(False)

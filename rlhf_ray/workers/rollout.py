@@ -112,8 +112,10 @@ class RolloutWorker(Worker):
                 answer=answers[i], worker=self.name))
         return episodes
 
-    def load_weights(self, version: int, state_ref: list) -> dict:
-        """Replace the weights with ``ray.get(state_ref[0])`` (a ``{name: tensor}`` dict).
+    def load_weights(self, version: int, published: list) -> dict:
+        """Replace the weights with what the learner published, ``published[0]``: a shared
+        memory handle (a dict: every engine process maps the learner's buffer and loads
+        from views into it) or an ``ObjectRef`` of a ``{name: tensor}`` dict.
 
         The reference is wrapped in a list so Ray hands over the ref, not the value; the
         weights then move owner -> this worker without passing through the driver.
@@ -122,19 +124,22 @@ class RolloutWorker(Worker):
         import torch
 
         start = time.perf_counter()
-        state = ray.get(state_ref[0]) if isinstance(state_ref[0], ray.ObjectRef) else state_ref[0]
-        if self.tensor_parallel_size == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
-            # the engine runs in this process: its worker takes the tensors as they are
-            count = self.llm.collective_rpc("load_weights_from_dict", args=(state,))[0]
-        else:  # engine processes: a shared-memory file each maps, not a pickled copy each
-            path = f"/dev/shm/rlhf_ray_weights_{os.getpid()}.pt"
-            try:
-                torch.save(state, path)
-                count = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0]
-            finally:
-                if os.path.exists(path):
-                    os.remove(path)
-        del state
+        if isinstance(published[0], dict):
+            count = self.llm.collective_rpc("load_weights_from_shared", args=(published[0],))[0]
+        else:
+            state = ray.get(published[0]) if isinstance(published[0], ray.ObjectRef) else published[0]
+            if self.tensor_parallel_size == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+                # the engine runs in this process: its worker takes the tensors as they are
+                count = self.llm.collective_rpc("load_weights_from_dict", args=(state,))[0]
+            else:  # engine processes: a shared-memory file each maps, not a pickled copy each
+                path = f"/dev/shm/rlhf_ray_weights_{os.getpid()}.pt"
+                try:
+                    torch.save(state, path)
+                    count = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0]
+                finally:
+                    if os.path.exists(path):
+                        os.remove(path)
+            del state
         release_free_memory()  # the engine's transient copies made while loading
         self.llm.reset_prefix_cache()
         self.version = version

@@ -21,6 +21,14 @@ class WeightLoaderExtension:
         self.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
 
+    def load_weights_from_shared(self, handle: dict) -> int:
+        """Load from the learner's shared-memory buffer (mapped once per buffer, then views)."""
+        from rlhf_ray.workers.weight_sync import SharedReader
+
+        if getattr(self, "_shared_reader", None) is None:
+            self._shared_reader = SharedReader()
+        return self.load_weights_from_dict(self._shared_reader.views_of(handle))
+
     def open_sync_group(self, master_addr: str, port: int, first_rank: int, world_size: int,
                         backend: str) -> bool:
         """Join the learner's weight-broadcast group; each tensor-parallel shard is one rank."""

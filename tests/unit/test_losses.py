@@ -147,6 +147,30 @@ def test_token_logprobs_bf16_path_upcasts() -> None:
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_token_logprobs_gradient_and_entropy() -> None:
+    """The hand-written backward against autograd's (gradcheck in float64), the bf16 path's
+    gradient against float32 math, and the entropy against its definition."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 6, 13, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    ids = torch.randint(0, 13, (3, 6), generator=gen)
+    assert torch.autograd.gradcheck(lambda z: token_logprobs(z, ids), (logits,))
+    weights = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    (token_logprobs(logits, ids) * weights).sum().backward()
+    z = logits.detach().clone().requires_grad_()
+    ref = z[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, z.grad)
+    assert logits.grad[:, -1].abs().max() == 0  # the last position predicts nothing
+    half = logits.detach().to(torch.bfloat16).requires_grad_()
+    (token_logprobs(half, ids) * weights.float()).sum().backward()
+    assert half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(half.grad.float(), z.grad.float(), atol=2e-2, rtol=2e-2)
+    logprobs, entropy = token_logprobs(logits.detach(), ids, with_entropy=True)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach()[:, :-1]))
+    torch.testing.assert_close(logprobs, ref.detach())
+    assert not entropy.requires_grad
+
+
 def test_token_logprobs_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
         token_logprobs(torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.long))

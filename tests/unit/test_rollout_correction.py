@@ -81,7 +81,8 @@ def test_weighting_the_advantages_weights_each_tokens_clipped_surrogate():
     ([], False),  # the default kl.mode is in the reward: advantages need pi_old first
     (["kl.mode=loss"], True),
     (["kl.mode=loss", "pi_old=recompute"], False),
-    (["kl.mode=loss", "max_staleness=1"], False),  # pi_old is the train-time policy, not the sampler's
+    # pi_old is the train-time policy, not the sampler's: the update's forward is on it
+    (["kl.mode=loss", "max_staleness=1"], True),
     (["kl.mode=loss", "ppo_epochs=2"], False),
     (["kl.mode=loss", "mini_batches=2"], False),
     (["kl.mode=loss", "advantage=gae"], False),

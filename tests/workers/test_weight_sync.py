@@ -11,7 +11,17 @@ from rlhf_ray.experience import episodes_to_batch
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
 from rlhf_ray.workers.rollout import RolloutWorker
-from rlhf_ray.workers.weight_sync import WeightSync, broadcast_recv, plan_buckets, tensor_metadata
+from rlhf_ray.workers.weight_sync import (
+    SharedReader,
+    SharedWeights,
+    WeightSync,
+    broadcast_recv,
+    cast_floating,
+    plan_buckets,
+    shared_layout,
+    tensor_metadata,
+    tied_to,
+)
 
 FREE = WorkerResources(num_cpus=0)
 PROMPTS = ["What is 7 + 8?", "Name an animal.", "Write one word."]
@@ -45,6 +55,42 @@ def test_broadcast_recv_unpacks_mixed_dtypes():
         {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
 
 
+def test_shared_weights_round_trip_cast_and_relayout():
+    """The writer casts into its buffer; a reader's views see each write without remapping,
+    and a new layout (another dtype) is a new buffer the reader maps again."""
+    emb = torch.randn(6, 4)
+    state = {"emb": emb, "head": emb, "steps": torch.arange(3), "b": torch.randn(5)}
+    assert tied_to(state) == {"head": "emb"}
+    layout, nbytes = shared_layout(state, "bfloat16")
+    assert layout[1][3] == layout[0][3] and nbytes == 64 * 3  # the tied head: one place, 64-byte slots
+    cast = cast_floating(state, "bfloat16")
+    assert cast["head"] is cast["emb"] and cast["steps"].dtype == torch.int64
+    shared = SharedWeights(state, "bfloat16")
+    reader = SharedReader()
+    try:
+        shared.write(state)
+        views = reader.views_of(shared.handle())
+        assert views["emb"].dtype == torch.bfloat16 and views["steps"].dtype == torch.int64
+        assert torch.equal(views["emb"], emb.to(torch.bfloat16)) and torch.equal(views["head"], views["emb"])
+        assert torch.equal(views["steps"], torch.arange(3))
+        emb.mul_(2)
+        shared.write(state)
+        assert reader.views_of(shared.handle()) is views  # mapped once
+        assert torch.equal(views["emb"], emb.to(torch.bfloat16))
+        assert shared.fits(state, "bfloat16") and not shared.fits(state, None)
+        assert not shared.fits({**state, "extra": torch.zeros(1)}, "bfloat16")
+        with pytest.raises(RuntimeError, match="cannot open the learner's shared weights"):
+            SharedReader().views_of({**shared.handle(), "path": "/proc/1/fd/999999", "token": "x"})
+    finally:
+        shared.close()
+    wide = SharedWeights(state, None)
+    try:
+        wide.write(state)
+        assert torch.equal(reader.views_of(wide.handle())["emb"], emb)
+    finally:
+        wide.close()
+
+
 @pytest.fixture(scope="module")
 def roles(ray_local, tiny_llama):
     learner = WorkerGroup(LearnerWorker, "learner", 1, distributed=True, resources=FREE,
@@ -76,7 +122,23 @@ def _max_logprob_diff(learner, rollouts) -> tuple[float, list[int]]:
     return worst, versions
 
 
-@pytest.mark.parametrize("method", ["object_store", "broadcast"])
+def test_auto_transport_is_shared_memory_on_one_node(roles):
+    learner, rollouts = roles
+    sync = WeightSync(learner, rollouts)
+    assert sync.transport([0, 1]) == "shared_memory"
+    metrics = sync.sync(7)
+    assert metrics["sync/shared_memory"] == 1.0 and metrics["perf/sync_load_s"] > 0
+    node = rollouts.infos[1]["node_id"]
+    rollouts.infos[1]["node_id"] = "another-node"
+    try:
+        assert sync.transport([0, 1]) == "object_store" and sync.transport([0]) == "shared_memory"
+    finally:
+        rollouts.infos[1]["node_id"] = node
+    with pytest.raises(ValueError, match="weight sync method"):
+        WeightSync(learner, rollouts, method="carrier_pigeon")
+
+
+@pytest.mark.parametrize("method", ["shared_memory", "object_store", "broadcast"])
 def test_sync_makes_rollouts_match_learner(roles, method):
     learner, rollouts = roles
     _, versions = _max_logprob_diff(learner, rollouts)
@@ -103,17 +165,18 @@ def test_sync_makes_rollouts_match_learner(roles, method):
     assert after <= 1e-4, f"{method}: the replacement differs from the learner by {after} after push"
 
 
-def test_object_store_sync_sends_the_rollouts_dtype(roles):
+@pytest.mark.parametrize("method", ["shared_memory", "object_store"])
+def test_sync_sends_the_rollouts_dtype(roles, method):
     """dtype=bfloat16: the learner casts before publishing, so an engine gets bf16-rounded
     weights (half the bytes); here the engine is fp32, so the rounding shows as a small gap
-    that a plain sync then removes."""
+    that a plain sync then removes (for shared memory: a new buffer, mapped again)."""
     learner, rollouts = roles
     _train_once(learner, rollouts)
-    metrics = WeightSync(learner, rollouts, dtype="bfloat16").sync(50)
+    metrics = WeightSync(learner, rollouts, method=method, dtype="bfloat16").sync(50)
     assert metrics["sync/tensors"] > 0
     rounded, versions = _max_logprob_diff(learner, rollouts)
     assert set(versions) == {50}
     assert 1e-5 < rounded < 0.1, rounded
-    WeightSync(learner, rollouts).sync(51)
+    WeightSync(learner, rollouts, method=method).sync(51)
     exact, _ = _max_logprob_diff(learner, rollouts)
     assert exact <= 1e-4, exact
