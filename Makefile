@@ -23,7 +23,7 @@ test-slow:
 lint:
 	.venv/bin/ruff check rlhf_ray tests
 
-# speed against a peer measured in the same run (bench/RESULTS.md); about 45 minutes on 2 cores
+# speed against a peer measured in the same run (bench/RESULTS.md); its length goes to bench/results/make_bench_time.txt
 bench:
 	@start=$$(date +%s); \
 	$(PY) bench/learner_throughput.py && \

@@ -4,7 +4,10 @@
     .venv/bin/python bench/rollout_throughput.py --prompts 256 --dtype bfloat16
 
 Both engines answer the same Alpaca-templated arithmetic prompts with exactly
-``--max-new-tokens`` tokens each (EOS ignored, greedy), so they do the same work. HF runs in
+``--max-new-tokens`` tokens each (EOS ignored, greedy), so they do the same work. Both run in
+this one process with the heap setting a rollout worker makes (freed memory kept for reuse,
+:func:`rlhf_ray.workers.group.reuse_freed_memory`: vLLM +12-16 %, HF ``generate`` no change)
+and vLLM's KV cache holds the whole batch. HF runs in
 left-padded batches of ``--hf-batch``; vLLM takes every prompt at once, as a rollout worker
 does. Each side gets one warm-up call first. Prints a table and writes JSON to ``--out``.
 """
@@ -105,8 +108,10 @@ def main() -> int:
     from rlhf_ray.assets import resolve_model
     from rlhf_ray.data import load_tokenizer
     from rlhf_ray.workers.engine import cpu_env_defaults
+    from rlhf_ray.workers.group import reuse_freed_memory
 
     cpu_env_defaults()
+    reuse_freed_memory()
     model = resolve_model(args.model, role="bench model")
     ids = prompts(load_tokenizer(model), args.prompts)
     result = {

@@ -8,7 +8,7 @@ import time
 from rlhf_ray.assets import resolve_model
 from rlhf_ray.batch import Episode
 from rlhf_ray.config import EnvConfig, RolloutConfig, SamplingConfig
-from rlhf_ray.workers.group import Worker, release_free_memory, set_cpu_threads
+from rlhf_ray.workers.group import Worker, release_free_memory, reuse_freed_memory, set_cpu_threads
 
 EXTENSION = "rlhf_ray.workers.vllm_ext.WeightLoaderExtension"
 
@@ -30,6 +30,8 @@ class RolloutWorker(Worker):
         # once built; Ray leaves an actor one thread. A worker that reserves no CPU borrows
         # every core (it generates while the learner waits), else it takes what it reserved.
         set_cpu_threads(None, rollout.cpus_per_worker)
+        if not torch.cuda.is_available():  # each decode step's temporaries: reused, not faulted in
+            reuse_freed_memory()
         self.llm = make_llm(self.model_path, dtype=dtype, max_model_len=rollout.max_model_len,
                             kv_cache_gib=rollout.kv_cache_gib,
                             tensor_parallel_size=rollout.tensor_parallel_size,
