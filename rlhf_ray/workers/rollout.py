@@ -53,6 +53,7 @@ class RolloutWorker(Worker):
         self.version = 0
         self.max_model_len = rollout.max_model_len
         self.tensor_parallel_size = rollout.tensor_parallel_size
+        self.trim_memory = rollout.trim_memory
         self.multiturn = None
         if env is not None and env.is_set:
             from rlhf_ray.envs import load_env_class
@@ -142,7 +143,8 @@ class RolloutWorker(Worker):
                     if os.path.exists(path):
                         os.remove(path)
             del state
-        release_free_memory()  # the engine's transient copies made while loading
+        if self.trim_memory:  # the engine's transient copies made while loading
+            release_free_memory()
         self.llm.reset_prefix_cache()
         self.version = version
         return {"sync/tensors": float(count), "perf/sync_s": time.perf_counter() - start,
