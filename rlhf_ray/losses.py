@@ -183,12 +183,11 @@ class _NextTokenLogprobs(torch.autograd.Function):
         grad[:, -1].zero_()  # the last position predicts nothing
         for i in range(logits.shape[0]):
             g = grad_logprobs[i].to(lse.dtype).unsqueeze(-1)  # (T-1, 1)
-            if logits.dtype == lse.dtype:
-                row = torch.sub(logits[i, :-1], lse[i].unsqueeze(-1), out=grad[i, :-1])
-            else:
-                row = logits[i, :-1].to(lse.dtype).sub_(lse[i].unsqueeze(-1))
+            in_place = logits.dtype == lse.dtype  # else an upcast row, copied back at the end
+            row = torch.sub(logits[i, :-1], lse[i].unsqueeze(-1), out=grad[i, :-1]) if in_place \
+                else logits[i, :-1].to(lse.dtype).sub_(lse[i].unsqueeze(-1))
             row.exp_().mul_(-g).scatter_add_(-1, targets[i], g)  # (onehot - softmax) * g
-            if row.data_ptr() != grad[i, :-1].data_ptr():
+            if not in_place:
                 grad[i, :-1].copy_(row)
         return grad, None, None
 
