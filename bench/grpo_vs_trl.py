@@ -153,7 +153,10 @@ def bench_ours(args, name: str, overrides: list[str]) -> dict:
     agreement = {key: statistics.median(h[key] for h in history if key in h)
                  for key in ("rollout/mismatch_kl", "rollout/is_weight_mean", "perf/pi_old_s")
                  if any(key in h for h in history)}
-    extra = {"overrides": overrides, "parts_median_s": parts, "agreement": agreement,
+    per_step = [{key: h[key] for key in ("perf/gen_s", "perf/train_s", "perf/sync_s", "perf/score_s")
+                 if key in h} for h in history]
+    extra = {"overrides": overrides, "parts_median_s": parts, "parts_per_step_s": per_step,
+             "agreement": agreement,
              "wall_s": time.perf_counter() - t0,
              "learner_threads": summary.get("learner", {}).get("threads")}
     return summarize([h["perf/step_s"] for h in history], args.prompts * args.n, extra)

@@ -440,6 +440,30 @@ class EpisodeStream:
         n = len(chunk.episodes) // len(chunk.slots)
         return chunk.episodes[i * n: (i + 1) * n]
 
+    def progress_while(self, refs: list, timeout_s: float) -> None:
+        """Keep the stream moving while the driver waits on other calls (``refs``, e.g. a
+        training step): a chunk that finishes generating goes to scoring at once, and queued
+        chunks go to workers that free up. Without it, episodes generated ahead
+        (``max_staleness > 0``) would only be scored at the next :meth:`collect`, after
+        training, and the step would wait for their scoring then.
+
+        Returns when every ref is ready, when the stream has nothing in flight, or after
+        ``timeout_s``; the caller gathers the refs' results (and reports their failures).
+        The stream's own failures raise here as in :meth:`collect`."""
+        deadline = time.monotonic() + timeout_s
+        while self.inflight:
+            _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                return
+            calls = list(self.inflight)
+            ray.wait(calls + pending, num_returns=1, timeout=remaining)
+            finished, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
+            done = set(finished)
+            for ref in calls:  # in submission order
+                if ref in done and ref in self.inflight:
+                    self._handle(ref)
+
     # ------------------------------------------------------------------ output
 
     def _ready_prompts(self, step: int) -> int:

@@ -47,7 +47,6 @@ from rlhf_ray.assets import resolve_model
 from rlhf_ray.config import KLConfig, OptimConfig, PPOConfig
 from rlhf_ray.data import load_tokenizer
 from rlhf_ray.driver import batches, scaling
-from rlhf_ray.driver import learners as learner_calls
 from rlhf_ray.driver.episodes import check_groups, rollout_metrics, sample_rows
 from rlhf_ray.driver.evaluation import heldout_score
 from rlhf_ray.driver.prompts import load_prompts, prompts_for_step
@@ -261,10 +260,10 @@ def _step(cfg: PPOConfig, step: int, version: int, stream: EpisodeStream, worker
         print(f"step {step}: {len(failed)} episode(s) failed in the environment, e.g. {failed[0]}",
               file=sys.stderr, flush=True)
     # c. advantages
-    batch, adv_metrics = _experience(cfg, episodes, pad_id, workers.learners, kl)
-    # d. policy (and value) updates
+    batch, adv_metrics = _experience(cfg, episodes, pad_id, workers.learners, kl, stream)
+    # d. policy (and value) updates; meanwhile the stream scores what finishes generating
     t_train = time.perf_counter()
-    train_metrics = _train(cfg, batch, workers.learners, kl.in_loss,
+    train_metrics = _train(cfg, batch, workers.learners, kl.in_loss, stream,
                            train_policy=step >= cfg.value_warmup_steps)
     train_s = time.perf_counter() - t_train
     stream.ledger.record_trained(len(episodes))
@@ -330,7 +329,7 @@ def _refill_prompts(cfg: PPOConfig, train_prompts: list, step: int, round_: int,
     return [dataclasses.replace(p, index=unique + i) for i, p in enumerate(picked)]
 
 
-def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl: KLPenalty):
+def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl: KLPenalty, stream: EpisodeStream):
     """Episodes -> ExperienceBatch with advantages (and returns / old values for gae).
 
     pi_old, the policy PPO's ratio starts from, is recomputed by the learners now, in their
@@ -361,14 +360,15 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl: KLPenalty):
         batch.old_logprobs = None
         weights, correction = mask, {}
     else:
-        batch.old_logprobs = learner_calls.infer(learners, "forward_logprobs", batch,
-                                                 cfg.sampling.temperature) * mask
+        shards = batch.shards(len(learners))
+        batch.old_logprobs = torch.cat(_learner_calls(
+            learners, "forward_logprobs", [(s, cfg.sampling.temperature) for s in shards], stream)) * mask
         weights, correction = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, mask,
                                                  cfg.rollout_correction, cfg.rollout_correction_cap)
         metrics["kl/mean"] = float(kl.per_token(batch).sum(-1).mean())
     metrics["perf/pi_old_s"] = time.perf_counter() - t_pi_old
     if cfg.advantage == "gae":
-        values = learners.call("forward_values", batch)[0]
+        values = _learner_calls(learners, "forward_values", [(batch,)] * len(learners), stream)[0]
         # multi-turn episodes: each turn's reward on its last policy token
         token_scores = turn_rewards(episodes, scores, tuple(mask.shape))
         batch.advantages, batch.returns, m = gae_advantages(batch, scores, values, kl.in_reward,
@@ -400,7 +400,16 @@ def pi_old_in_update(cfg: PPOConfig) -> bool:
             and cfg.advantage != "gae" and cfg.kl.mode == "loss")
 
 
-def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, train_policy: bool = True) -> dict:
+def _learner_calls(learners: WorkerGroup, method: str, args_per_rank: list, stream: EpisodeStream) -> list:
+    """``method(*args_per_rank[r])`` on each learner rank r; one result per rank. While the
+    learners compute, the stream keeps scoring the episodes of the steps generated ahead."""
+    refs = [learners.submit(rank, method, *args) for rank, args in enumerate(args_per_rank)]
+    stream.progress_while(refs, learners.timeout_s)
+    return learners.get(refs, list(range(len(refs))), method)
+
+
+def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, stream: EpisodeStream,
+           train_policy: bool = True) -> dict:
     """ppo_epochs x mini_batches optimizer steps; each mini-batch sharded over the learner
     ranks. ``train_policy=False``: value warm-up, only the value model steps."""
     settings = PPOLossSettings(
@@ -422,8 +431,9 @@ def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, train_policy
             # the global normalisers: response tokens, and sequences that have any
             tokens = max(int(mini.response_mask.sum()), 1)
             sequences = max(int((mini.response_mask.sum(-1) > 0).sum()), 1)
-            results = learners.call_each("ppo_step", [
-                (shard, settings, tokens, sequences, train_policy) for shard in mini.shards(len(learners))])
+            results = _learner_calls(learners, "ppo_step", [
+                (shard, settings, tokens, sequences, train_policy) for shard in mini.shards(len(learners))],
+                stream)
             for k, v in results[0].items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             optimizer_steps += 1

@@ -162,6 +162,41 @@ def test_timeouts_name_the_stuck_worker_and_a_call_finishing_late_is_handled(rol
     finish(stream, 3 * N)
 
 
+def test_episodes_are_scored_while_the_driver_waits_on_training(roles, prompts):
+    """Old driver: it blocked on the learners' step, so episodes generated ahead during
+    training (max_staleness > 0) were scored only at the next collect, and the step waited
+    for their scoring after training."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def training(seconds: float) -> float:  # a learner step, as the driver sees it
+        time.sleep(seconds)
+        return seconds
+
+    rollouts, reward, reference = roles
+    stream = EpisodeStream(rollouts, reward, reference, SAMPLING)
+    step = training.remote(600.0)
+    try:
+        stream.submit(prompts[0:4], 2, step=0)
+        stream.progress_while([step], timeout_s=300)
+        # it returned because the stream ran dry, not because training ended
+        assert not ray.wait([step], timeout=0)[0]
+        assert not stream.inflight and stream.ledger.waiting == 4 * N and stream.ledger.scoring == 0
+    finally:
+        ray.cancel(step, force=True)
+    assert_step(stream.collect(0, timeout_s=0.001), prompts[0:4])
+
+    # a step that ends first: it returns at once and the stream's calls stay in flight
+    blocker = block_worker_0(rollouts, prompts)
+    stream.submit(prompts[4:6], 2, step=1)  # to worker 0, behind the blocker
+    short = training.remote(0.0)
+    stream.progress_while([short], timeout_s=300)
+    assert ray.wait([short], timeout=0)[0] and stream.inflight
+    assert_step(stream.collect(1, timeout_s=300), prompts[4:6])
+    ray.get(blocker)
+    finish(stream, 6 * N)
+
+
 @pytest.mark.parametrize("max_staleness", [0, 1, 2])
 def test_stale_prompt_groups_are_regenerated_and_the_ledger_reconciles(roles, prompts, weights,
                                                                         max_staleness):
