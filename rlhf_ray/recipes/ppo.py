@@ -12,8 +12,9 @@
       prompt groups with the current weights: no prompt is dropped);
    c. advantages: KL-shaped rewards + GAE, or group baselines (GRPO / RLOO), or REINFORCE++;
    d. ``ppo_epochs`` passes of ``mini_batches`` clipped policy-gradient steps (only value steps
-      during the first ``value_warmup_steps``, gae); meanwhile the
-      rollout workers keep generating the ``max_staleness`` steps already queued;
+      during the first ``value_warmup_steps``, gae); meanwhile the rollout workers keep
+      generating the ``max_staleness`` steps already queued, and the driver sends what they
+      finish to scoring at once, so those steps are ready when training ends;
    e. sync the new weights to the rollout workers as version v + 1;
    f. queue the prompts of step v + max_staleness + 1 (with 0: strictly on-policy);
    g. log, evaluate on held-out prompts, checkpoint.
@@ -403,9 +404,10 @@ def pi_old_in_update(cfg: PPOConfig) -> bool:
 def _learner_calls(learners: WorkerGroup, method: str, args_per_rank: list, stream: EpisodeStream) -> list:
     """``method(*args_per_rank[r])`` on each learner rank r; one result per rank. While the
     learners compute, the stream keeps scoring the episodes of the steps generated ahead."""
+    deadline = time.monotonic() + learners.timeout_s
     refs = [learners.submit(rank, method, *args) for rank, args in enumerate(args_per_rank)]
     stream.progress_while(refs, learners.timeout_s)
-    return learners.get(refs, list(range(len(refs))), method)
+    return learners.get(refs, list(range(len(refs))), method, max(0.0, deadline - time.monotonic()))
 
 
 def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, stream: EpisodeStream,

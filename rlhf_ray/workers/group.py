@@ -308,9 +308,11 @@ class WorkerGroup:
         refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, args_per_worker)]
         return self._gather(refs, list(range(len(refs))), method)
 
-    def get(self, refs: Sequence[ray.ObjectRef], ranks: Sequence[int], what: str = "call") -> list:
-        """Gather refs submitted with :meth:`submit`, attributing failures to ranks."""
-        return self._gather(list(refs), list(ranks), what)
+    def get(self, refs: Sequence[ray.ObjectRef], ranks: Sequence[int], what: str = "call",
+            timeout_s: float | None = None) -> list:
+        """Gather refs submitted with :meth:`submit`, attributing failures to ranks; waits at
+        most ``timeout_s`` (None: the group's ``timeout_s``)."""
+        return self._gather(list(refs), list(ranks), what, timeout_s)
 
     def _gather(self, refs: list, ranks: list[int], what: str, timeout_s: float | None = None) -> list:
         """Results in order; the first failure raises at once, naming its rank."""
