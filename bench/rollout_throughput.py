@@ -97,7 +97,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="asset name or HF folder")
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--hf-batch", type=int, default=128,
+                    help="HF generate batch (default: the whole batch, its fastest here: 217 tokens/s at 128 vs 125-144 at 16)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--kv-cache-gib", type=float, default=None,
                     help="vLLM's KV cache (default: enough for the whole batch at full length)")
