@@ -49,12 +49,15 @@ def kv_gib_for(model: str, ids: list[list[int]], new_tokens: int, dtype: str) ->
     return math.ceil(per_token * tokens * 1.1 / 2**30 * 4) / 4
 
 
-def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv_gib: float) -> dict:
+def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv_gib: float,
+               compile: bool = False) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     from rlhf_ray.workers.engine import make_llm, shutdown_llm
 
-    llm = make_llm(model, dtype=dtype, max_model_len=512, kv_cache_gib=kv_gib)
+    start = time.perf_counter()
+    llm = make_llm(model, dtype=dtype, max_model_len=512, kv_cache_gib=kv_gib, enforce_eager=not compile)
+    start_s = time.perf_counter() - start
     try:
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens,
                                 ignore_eos=True)
@@ -66,7 +69,8 @@ def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     finally:
         shutdown_llm(llm)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "kv_cache_gib": kv_gib}
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "kv_cache_gib": kv_gib,
+            "compiled": compile, "engine_start_s": start_s}
 
 
 def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batch: int) -> dict:
@@ -102,6 +106,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--kv-cache-gib", type=float, default=None,
                     help="vLLM's KV cache (default: enough for the whole batch at full length)")
+    ap.add_argument("--compile", action="store_true",
+                    help="vLLM with torch.compile (rollout.enforce_eager=false): about 60 s more to start")
     ap.add_argument("--skip-hf", action="store_true", help="vLLM only (tuning runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout_throughput.json"))
     args = ap.parse_args()
@@ -119,7 +125,7 @@ def main() -> int:
         "model": args.model, "dtype": args.dtype, "prompts": len(ids),
         "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count(), "machine": platform.machine(),
         "vllm": bench_vllm(model, ids, args.max_new_tokens, args.dtype,
-                           args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype)),
+                           args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype), args.compile),
     }
     if args.skip_hf:
         print(f"vLLM: {result['vllm']['tokens_per_s']:.1f} tokens/s ({result['vllm']})")
