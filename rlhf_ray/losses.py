@@ -181,9 +181,9 @@ class _NextTokenLogprobs(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         grad[:, -1].zero_()  # the last position predicts nothing
+        in_place = logits.dtype == lse.dtype  # else an upcast row per sequence, copied back
         for i in range(logits.shape[0]):
             g = grad_logprobs[i].to(lse.dtype).unsqueeze(-1)  # (T-1, 1)
-            in_place = logits.dtype == lse.dtype  # else an upcast row, copied back at the end
             row = torch.sub(logits[i, :-1], lse[i].unsqueeze(-1), out=grad[i, :-1]) if in_place \
                 else logits[i, :-1].to(lse.dtype).sub_(lse[i].unsqueeze(-1))
             row.exp_().mul_(-g).scatter_add_(-1, targets[i], g)  # (onehot - softmax) * g

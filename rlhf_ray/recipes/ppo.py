@@ -48,6 +48,7 @@ from rlhf_ray.assets import resolve_model
 from rlhf_ray.config import KLConfig, OptimConfig, PPOConfig
 from rlhf_ray.data import load_tokenizer
 from rlhf_ray.driver import batches, scaling
+from rlhf_ray.driver import learners as learner_calls
 from rlhf_ray.driver.episodes import check_groups, rollout_metrics, sample_rows
 from rlhf_ray.driver.evaluation import heldout_score
 from rlhf_ray.driver.prompts import load_prompts, prompts_for_step
@@ -361,15 +362,15 @@ def _experience(cfg: PPOConfig, episodes, pad_id: int, learners, kl: KLPenalty, 
         batch.old_logprobs = None
         weights, correction = mask, {}
     else:
-        shards = batch.shards(len(learners))
-        batch.old_logprobs = torch.cat(_learner_calls(
-            learners, "forward_logprobs", [(s, cfg.sampling.temperature) for s in shards], stream)) * mask
+        batch.old_logprobs = learner_calls.infer(learners, "forward_logprobs", batch, cfg.sampling.temperature,
+                                                 while_waiting=stream.progress_while) * mask
         weights, correction = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, mask,
                                                  cfg.rollout_correction, cfg.rollout_correction_cap)
         metrics["kl/mean"] = float(kl.per_token(batch).sum(-1).mean())
     metrics["perf/pi_old_s"] = time.perf_counter() - t_pi_old
     if cfg.advantage == "gae":
-        values = _learner_calls(learners, "forward_values", [(batch,)] * len(learners), stream)[0]
+        values = learner_calls.call_each(learners, "forward_values", [(batch,)] * len(learners),
+                                         while_waiting=stream.progress_while)[0]
         # multi-turn episodes: each turn's reward on its last policy token
         token_scores = turn_rewards(episodes, scores, tuple(mask.shape))
         batch.advantages, batch.returns, m = gae_advantages(batch, scores, values, kl.in_reward,
@@ -401,15 +402,6 @@ def pi_old_in_update(cfg: PPOConfig) -> bool:
             and cfg.advantage != "gae" and cfg.kl.mode == "loss")
 
 
-def _learner_calls(learners: WorkerGroup, method: str, args_per_rank: list, stream: EpisodeStream) -> list:
-    """``method(*args_per_rank[r])`` on each learner rank r; one result per rank. While the
-    learners compute, the stream keeps scoring the episodes of the steps generated ahead."""
-    deadline = time.monotonic() + learners.timeout_s
-    refs = [learners.submit(rank, method, *args) for rank, args in enumerate(args_per_rank)]
-    stream.progress_while(refs, learners.timeout_s)
-    return learners.get(refs, list(range(len(refs))), method, max(0.0, deadline - time.monotonic()))
-
-
 def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, stream: EpisodeStream,
            train_policy: bool = True) -> dict:
     """ppo_epochs x mini_batches optimizer steps; each mini-batch sharded over the learner
@@ -433,9 +425,9 @@ def _train(cfg: PPOConfig, batch, learners, kl_coef_in_loss: float, stream: Epis
             # the global normalisers: response tokens, and sequences that have any
             tokens = max(int(mini.response_mask.sum()), 1)
             sequences = max(int((mini.response_mask.sum(-1) > 0).sum()), 1)
-            results = _learner_calls(learners, "ppo_step", [
+            results = learner_calls.call_each(learners, "ppo_step", [
                 (shard, settings, tokens, sequences, train_policy) for shard in mini.shards(len(learners))],
-                stream)
+                while_waiting=stream.progress_while)
             for k, v in results[0].items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             optimizer_steps += 1
