@@ -32,6 +32,10 @@ rlhf-ray variants (each a subprocess with its own local Ray, run one after anoth
 - ``bf16``: ``autocast`` plus the reference and the vLLM rollouts in bf16 (the rollout
   correction covers the rollout/learner mismatch, logged as ``rollout/mismatch_*``).
 
+rlhf-ray's workers keep freed memory in their heap for reuse (``reuse_freed_memory``); TRL
+runs in this process with glibc's defaults, as a user runs it. ``--trl-heap`` runs TRL once
+more (fp32, after the plain run) with that heap setting, as ``trl_heap``.
+
 Prints a table with each ratio to TRL, writes JSON to ``--out`` and a stacked-bar plot of
 the step time split into generation, training, sync and the rest to ``--plot``.
 """
@@ -226,6 +230,8 @@ def main() -> int:
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--trl-bf16", action="store_true",
                     help="also run TRL with bf16=True (autocast; fp32 weights), the peer of the bf16 variants")
+    ap.add_argument("--trl-heap", action="store_true",
+                    help="also run TRL (fp32) with the heap setting rlhf-ray's workers make, as trl_heap")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "grpo_vs_trl.json"))
     ap.add_argument("--plot", default=str(ROOT / "bench" / "results" / "grpo_vs_trl.png"))
     args = ap.parse_args()
@@ -237,6 +243,12 @@ def main() -> int:
     if args.trl_bf16:
         print("TRL GRPOTrainer, bf16 autocast ...", flush=True)
         results["trl_bf16"] = bench_trl(args, bf16=True)
+    if args.trl_heap:  # last of the TRL runs: the setting stays for the rest of the process
+        from rlhf_ray.workers.group import reuse_freed_memory
+
+        print("TRL GRPOTrainer, heap setting ...", flush=True)
+        reuse_freed_memory()
+        results["trl_heap"] = bench_trl(args)
     for name in args.variants.split(","):
         print(f"rlhf-ray {name} ...", flush=True)
         results[name] = bench_ours(args, name, VARIANTS[name])

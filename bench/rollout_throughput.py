@@ -4,7 +4,11 @@
     .venv/bin/python bench/rollout_throughput.py --prompts 256 --dtype bfloat16
 
 Both engines answer the same Alpaca-templated arithmetic prompts with exactly
-``--max-new-tokens`` tokens each (EOS ignored, greedy), so they do the same work. Both run in
+``--max-new-tokens`` tokens each (EOS ignored, greedy), so they do the same work.
+``--stop-at-eos`` lets each sequence end at its EOS, as rollouts do: both sides still decode
+greedily (the same completions, up to numerics, recorded as ``same_completions``), tokens/s
+counts the tokens up to EOS, and HF keeps a finished row in its batch until the batch ends
+while vLLM drops it. Both run in
 this one process with the heap setting a rollout worker makes (freed memory kept for reuse,
 :func:`rlhf_ray.workers.group.reuse_freed_memory`: vLLM +12-16 %, HF ``generate`` no change)
 and vLLM's KV cache holds the whole batch in whole blocks (no preemption). HF runs in
@@ -72,7 +76,8 @@ def timed(run, repeats: int) -> dict:
 
 
 def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv_gib: float,
-               compile: bool = False, repeats: int = 1) -> dict:
+               compile: bool = False, repeats: int = 1, stop_at_eos: bool = False,
+               completions: list | None = None) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     from rlhf_ray.workers.engine import make_llm, shutdown_llm
@@ -86,12 +91,18 @@ def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv
         if blocks is not None and blocks < blocks_needed:
             raise SystemExit(f"--kv-cache-gib {kv_gib}: {blocks} KV blocks of {cache.block_size} "
                              f"tokens, the batch needs {blocks_needed}; vLLM would preempt and recompute")
-        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens,
-                                ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens) if stop_at_eos else \
+            SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
         inputs = [TokensPrompt(prompt_token_ids=p) for p in ids]
         llm.generate(inputs[:2], params, use_tqdm=False)  # warm-up
-        result = timed(lambda: sum(len(o.outputs[0].token_ids)
-                                   for o in llm.generate(inputs, params, use_tqdm=False)), repeats)
+
+        def run() -> int:
+            outs = [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
+            if completions is not None:
+                completions[:] = outs
+            return sum(map(len, outs))
+
+        result = timed(run, repeats)
     finally:
         shutdown_llm(llm)
     return {**result, "kv_cache_gib": kv_gib,
@@ -99,25 +110,37 @@ def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv
             "engine_start_s": start_s}
 
 
-def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batch: int, repeats: int = 1) -> dict:
+def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batch: int, repeats: int = 1,
+             stop_at_eos: bool = False, completions: list | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     pad = lm.config.pad_token_id or 0
+    eos = lm.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    length = {} if stop_at_eos else {"min_new_tokens": new_tokens}
 
-    def run(chunk: list[list[int]]) -> int:
+    def run(chunk: list[list[int]]) -> list[list[int]]:
         width = max(map(len, chunk))
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         with torch.inference_mode():
             out = lm.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
-        return (out.shape[1] - width) * len(chunk)
+                              max_new_tokens=new_tokens, pad_token_id=pad, **length)
+        rows = out[:, width:].tolist()
+        if stop_at_eos:  # a finished row is padded to the batch's longest: count up to its EOS
+            rows = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+        return rows
+
+    def run_all() -> int:
+        outs = [row for i in range(0, len(ids), batch) for row in run(ids[i: i + batch])]
+        if completions is not None:
+            completions[:] = outs
+        return sum(map(len, outs))
 
     run(ids[:2])  # warm-up
-    return {**timed(lambda: sum(run(ids[i: i + batch]) for i in range(0, len(ids), batch)), repeats),
-            "batch": batch}
+    return {**timed(run_all, repeats), "batch": batch}
 
 
 def main() -> int:
@@ -134,6 +157,9 @@ def main() -> int:
                     help="vLLM with torch.compile (rollout.enforce_eager=false): about 60 s more to start")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed runs per side; the best of each is compared (all are recorded)")
+    ap.add_argument("--stop-at-eos", action="store_true",
+                    help="each sequence stops at its EOS (up to --max-new-tokens), as rollouts do: "
+                         "tokens/s counts the tokens up to EOS on both sides")
     ap.add_argument("--skip-hf", action="store_true", help="vLLM only (tuning runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout_throughput.json"))
     args = ap.parse_args()
@@ -147,18 +173,26 @@ def main() -> int:
     reuse_freed_memory()
     model = resolve_model(args.model, role="bench model")
     ids = prompts(load_tokenizer(model), args.prompts)
+    vllm_outs: list[list[int]] = []
+    hf_outs: list[list[int]] = []
     result = {
         "model": args.model, "dtype": args.dtype, "prompts": len(ids),
-        "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count(), "machine": platform.machine(),
+        "max_new_tokens": args.max_new_tokens, "stop_at_eos": args.stop_at_eos,
+        "cpus": os.cpu_count(), "machine": platform.machine(),
         "vllm": bench_vllm(model, ids, args.max_new_tokens, args.dtype,
                            args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype), args.compile,
-                           args.repeats),
+                           args.repeats, args.stop_at_eos, vllm_outs),
     }
     if args.skip_hf:
         print(f"vLLM: {result['vllm']['tokens_per_s']:.1f} tokens/s ({result['vllm']})")
         return 0
-    result["hf_generate"] = bench_hf(model, ids, args.max_new_tokens, args.dtype, args.hf_batch, args.repeats)
+    result["hf_generate"] = bench_hf(model, ids, args.max_new_tokens, args.dtype, args.hf_batch, args.repeats,
+                                     args.stop_at_eos, hf_outs)
     result["speedup_vllm_over_hf"] = result["vllm"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
+    # greedy on both sides: the same completions up to numerics (bf16 drifts sooner)
+    result["same_completions"] = sum(a == b for a, b in zip(vllm_outs, hf_outs)) / len(ids)
+    if args.stop_at_eos:
+        result["batch_seconds_ratio"] = result["hf_generate"]["seconds"] / result["vllm"]["seconds"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -166,7 +200,8 @@ def main() -> int:
     for name in ("vllm", "hf_generate"):
         r = result[name]
         print(f"{name:<14}{r['tokens']:>8}{r['seconds']:>10.2f}{r['tokens_per_s']:>11.1f}  runs: {r['runs_tokens_per_s']}")
-    print(f"vLLM / HF generate: {result['speedup_vllm_over_hf']:.2f}x  -> {out}")
+    print(f"vLLM / HF generate: {result['speedup_vllm_over_hf']:.2f}x; identical completions: "
+          f"{result['same_completions']:.0%}  -> {out}")
     return 0
 
 

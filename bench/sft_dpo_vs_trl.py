@@ -17,6 +17,10 @@ one rank) and the reference is ``ReferenceServer``, both called in-process so th
 their own code is timed; TRL runs its trainers with a callback around each step. The first
 step's loss (before any update) is compared: the same model on the same tokens must give
 the same loss, within 1e-4. Steps/s is over the steps after the first.
+
+The learner keeps freed memory in its heap for reuse (``reuse_freed_memory``, set when it
+starts); TRL runs first, with glibc's defaults, as a user runs it. ``--trl-heap`` gives TRL
+the same heap setting, so that the ratio shows what is left without it.
 """
 
 from __future__ import annotations
@@ -256,6 +260,8 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true",
                     help="both sides under bf16 autocast (TRL bf16=True, rlhf-ray learner.autocast); "
                          "the first-step losses are then reported, not required to be equal")
+    ap.add_argument("--trl-heap", action="store_true",
+                    help="TRL runs with the heap setting the learner makes (freed memory kept for reuse)")
     ap.add_argument("--only", choices=["sft", "dpo"], default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sft_dpo_vs_trl.json"))
     args = ap.parse_args()
@@ -281,6 +287,10 @@ def main() -> int:
     from rlhf_ray.data import load_tokenizer, pad_id
 
     torch.set_num_threads(args.threads)
+    if args.trl_heap:
+        from rlhf_ray.workers.group import reuse_freed_memory
+
+        reuse_freed_memory()
     model_path = resolve_model(args.model, role="learner")
     tokenizer = load_tokenizer(model_path)
     pad = pad_id(tokenizer)
