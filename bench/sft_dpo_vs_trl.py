@@ -217,8 +217,7 @@ def ours_dpo(args, model_path: str, triples: list, pad: int) -> dict:
         for step in range(args.steps + 1):
             batch = preference_batch(triples[step * args.pairs: (step + 1) * args.pairs], pad)
             t0 = time.perf_counter()
-            batch.ref_chosen_logps = reference.sequence_logps(batch.chosen)
-            batch.ref_rejected_logps = reference.sequence_logps(batch.rejected)
+            batch.ref_chosen_logps, batch.ref_rejected_logps = reference.preference_logps(batch)
             m = learner.dpo_step(batch, beta=args.beta)
             seconds.append(time.perf_counter() - t0)
             losses.append(m["dpo/loss"])

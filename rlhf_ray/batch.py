@@ -230,6 +230,98 @@ class PreferenceBatch:
                              cat(a.attention_mask, b.attention_mask, 0),
                              cat(a.loss_mask, b.loss_mask, 0.0))
 
+    def shared_prompt(self, pad_id: int) -> SharedPromptRows | None:
+        """The pairs as :class:`SharedPromptRows` (each prompt once), or None where a pair's
+        two rows do not start with the same prompt (the tokens before the first target), a
+        row has no target, or the rows are packed: then :meth:`stacked` is the way."""
+        a, b = self.chosen, self.rejected
+        if a.document_ids is not None or b.document_ids is not None:
+            return None
+        spans = []  # (prompt length, chosen row length, rejected row length) per pair
+        for i in range(len(self)):
+            la, lb = int(a.attention_mask[i].sum()), int(b.attention_mask[i].sum())
+            ta, tb = a.loss_mask[i, :la].nonzero(), b.loss_mask[i, :lb].nonzero()
+            if not len(ta) or not len(tb):
+                return None
+            p = int(ta[0])
+            if int(tb[0]) != p or not torch.equal(a.input_ids[i, :p], b.input_ids[i, :p]):
+                return None
+            spans.append((p, la, lb))
+        n = len(self)
+        width = max(la + lb - p for p, la, lb in spans)
+        longest = max(max(la, lb) - p for p, la, lb in spans)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        segments = torch.zeros((n, width), dtype=torch.long)
+        predictors = torch.zeros((2 * n, longest), dtype=torch.long)
+        targets = torch.full((2 * n, longest), pad_id, dtype=torch.long)
+        loss_mask = torch.zeros((2 * n, longest), dtype=torch.float32)
+        for i, (p, la, lb) in enumerate(spans):
+            ca, cb = la - p, lb - p  # response lengths
+            input_ids[i, :la] = a.input_ids[i, :la]
+            input_ids[i, la: la + cb] = b.input_ids[i, p:lb]
+            position_ids[i, :la] = torch.arange(la)
+            position_ids[i, la: la + cb] = torch.arange(p, lb)
+            segments[i, :p], segments[i, p:la], segments[i, la: la + cb] = 1, 2, 3
+            # chosen token j sits at column p + j, predicted by column p + j - 1; rejected
+            # token j at la + j, predicted by la + j - 1, except its first: by the prompt's last
+            predictors[i] = predictors[n + i] = p - 1  # padding entries point at a real column
+            predictors[i, :ca] = torch.arange(p - 1, la - 1)
+            predictors[n + i, 1:cb] = torch.arange(la, la + cb - 1)
+            targets[i, :ca], loss_mask[i, :ca] = a.input_ids[i, p:la], a.loss_mask[i, p:la]
+            targets[n + i, :cb], loss_mask[n + i, :cb] = b.input_ids[i, p:lb], b.loss_mask[i, p:lb]
+        return SharedPromptRows(input_ids, position_ids, segments, predictors, targets, loss_mask)
+
+
+@dataclass
+class SharedPromptRows:
+    """B preference pairs as B rows: the pair's prompt once, then its chosen response, then
+    its rejected one. Each response attends to the prompt and to itself only, at the
+    positions it has in its own sequence, so one forward gives both responses' log-probs
+    while computing the prompt once instead of twice.
+
+    input_ids, position_ids, segments: (B, W); segments 0 padding, 1 prompt, 2 chosen, 3 rejected.
+    predictors, targets, loss_mask: (2B, A), chosen rows then rejected rows as in
+        :meth:`PreferenceBatch.stacked`: the column of the row whose logits predict each
+        response token, the token, and 1 where it counts (the rows' ``loss_mask``).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    predictors: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> SharedPromptRows:
+        return SharedPromptRows(*(t.to(device) for t in dataclasses.astuple(self)))
+
+    def first_predictor(self) -> int:
+        """The first column whose logits any response needs (``logits_to_keep`` from it)."""
+        return int(self.predictors.min())
+
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, W, W) additive mask: query i sees key j <= i of the prompt or of its own
+        segment; padding sees only itself (no empty softmax row)."""
+        seg = self.segments
+        width = seg.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
+        key_seg, query_seg = seg[:, None, :], seg[:, :, None]
+        allowed = ((key_seg == 1) | (key_seg == query_seg)) & (key_seg != 0) & causal
+        allowed |= torch.eye(width, dtype=torch.bool, device=seg.device)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+        return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def sequence_logps(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(2B,) fp32 summed log-probs of each response's counted tokens, chosen then
+        rejected; logits: (B, W - start, V), the model's output on the rows from column
+        ``start`` on."""
+        n = self.input_ids.shape[0]
+        pair = torch.arange(2 * n, device=logits.device) % n
+        picked = logits[pair[:, None], self.predictors - start].float()  # (2B, A, V)
+        logps = torch.log_softmax(picked, dim=-1).gather(-1, self.targets[..., None]).squeeze(-1)
+        return (logps * self.loss_mask).sum(-1)
+
 
 def _shard_slices(n_rows: int, n: int) -> list[slice]:
     if n_rows < n:

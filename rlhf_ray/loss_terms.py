@@ -178,6 +178,15 @@ def dpo_terms(logits: torch.Tensor, both: SequenceBatch, mb: PreferenceBatch, be
     Returns ``[loss]`` (0-d) and the ``dpo/*`` stats.
     """
     logps = sequence_logprobs(logits, both.input_ids, both.loss_mask)
+    return dpo_terms_from_logps(logps, mb, beta, loss_type, label_smoothing, num_pairs,
+                                both.attention_mask.sum())
+
+
+def dpo_terms_from_logps(logps: torch.Tensor, mb: PreferenceBatch, beta: float, loss_type: str,
+                         label_smoothing: float, num_pairs: float, tokens: torch.Tensor) -> Terms:
+    """:func:`dpo_terms` from the policy's (2B,) summed log-probs, chosen then rejected
+    (as :class:`rlhf_ray.batch.SharedPromptRows` gives them); tokens: the tokens the
+    forward computed, for ``perf/tokens``."""
     b = len(mb)
     out = dpo_loss(logps[:b], logps[b:], mb.ref_chosen_logps, mb.ref_rejected_logps, beta,
                    loss_type, label_smoothing)
@@ -188,7 +197,7 @@ def dpo_terms(logits: torch.Tensor, both: SequenceBatch, mb: PreferenceBatch, be
         "dpo/rejected_rewards": out.rejected_rewards.sum() / num_pairs,
         "dpo/margin": out.margins.sum() / num_pairs,
         "dpo/chosen_logps": logps[:b].detach().sum() / num_pairs,
-        "perf/tokens": both.attention_mask.sum()}
+        "perf/tokens": tokens}
 
 
 def rm_terms(scores: torch.Tensor, mb: PreferenceBatch, margin: float, num_pairs: float) -> Terms:

@@ -108,8 +108,7 @@ def _with_reference(run: Run, ref: WorkerGroup,
     works while the learners train (the ``reference`` phase is the time spent waiting)."""
     pending = None
     for batch in pref_batches:
-        refs = [ref.submit(0, "sequence_logps", batch.chosen),
-                ref.submit(0, "sequence_logps", batch.rejected)]
+        refs = [ref.submit(0, "preference_logps", batch)]
         if pending is not None:
             yield _filled(run, ref, *pending)
         pending = (batch, refs)
@@ -119,7 +118,7 @@ def _with_reference(run: Run, ref: WorkerGroup,
 
 def _filled(run: Run, ref: WorkerGroup, batch: PreferenceBatch, refs: list) -> PreferenceBatch:
     with run.phase("reference"):
-        batch.ref_chosen_logps, batch.ref_rejected_logps = ref.get(refs, [0, 0], "sequence_logps")
+        batch.ref_chosen_logps, batch.ref_rejected_logps = ref.get(refs, [0], "preference_logps")[0]
     return batch
 
 

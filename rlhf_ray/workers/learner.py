@@ -287,6 +287,18 @@ class LearnerWorker(WeightSender, Worker):
         n = self._counts(0, len(batch), None, num_pairs_global)[1]
 
         def loss_fn(mb: PreferenceBatch):
+            shared = mb.shared_prompt(self.pad_id) if self.learner.shared_prompt else None
+            if shared is not None:  # each prompt computed once for its two responses
+                shared = shared.to(self.device)
+                start = shared.first_predictor()
+                with self._autocast():
+                    logits = self.model(input_ids=shared.input_ids, position_ids=shared.position_ids,
+                                        attention_mask=shared.attention_mask(getattr(torch, self.dtype)),
+                                        use_cache=False,
+                                        logits_to_keep=shared.input_ids.shape[1] - start).logits
+                return loss_terms.dpo_terms_from_logps(
+                    shared.sequence_logps(logits, start), mb, beta, loss_type, label_smoothing, n,
+                    (shared.segments != 0).sum())
             both = mb.stacked(self.pad_id)
             start = both.first_target_column()  # the shared prompt prefix needs no logits
             logits = self._forward(self.model, both, keep_from=start).logits

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rlhf_ray.batch import Episode, SequenceBatch
+from rlhf_ray.batch import Episode, PreferenceBatch, SequenceBatch
 from rlhf_ray.workers.group import Worker, reuse_freed_memory, role_device, set_cpu_threads
 
 
@@ -95,6 +95,32 @@ class ReferenceServer(Worker):
                                     logits_to_keep=mb.input_ids.shape[1] - first).logits
                 out.append(sequence_logprobs(logits.float(), window.input_ids, window.loss_mask).cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+    def preference_logps(self, batch: PreferenceBatch):
+        """(B,), (B,) fp32 summed log-probs of each pair's chosen and rejected responses, no
+        grad, as :meth:`sequence_logps` gives them: one forward per micro-batch with each
+        prompt computed once (:meth:`PreferenceBatch.shared_prompt`), or one per side where
+        the pairs do not share their prompts. ``micro_batch_size`` rows make
+        ``micro_batch_size // 2`` pairs."""
+        import torch
+
+        chosen, rejected = [], []
+        for mb in batch.split(max(1, self.micro_batch_size // 2)):
+            rows = mb.shared_prompt(self.pad_id if self.pad_id is not None else 0)
+            if rows is None:
+                chosen.append(self.sequence_logps(mb.chosen))
+                rejected.append(self.sequence_logps(mb.rejected))
+                continue
+            rows = rows.to(self.device)
+            start = rows.first_predictor()
+            with torch.no_grad(), self._autocast():
+                logits = self.model(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                                    attention_mask=rows.attention_mask(self.model.dtype), use_cache=False,
+                                    logits_to_keep=rows.input_ids.shape[1] - start).logits
+                logps = rows.sequence_logps(logits, start).cpu()
+            chosen.append(logps[: len(mb)])
+            rejected.append(logps[len(mb):])
+        return torch.cat(chosen), torch.cat(rejected)
 
     def health(self) -> dict:
         return {**super().health(), "name": self.name, "model": self.path, "device": self.device,

@@ -1,0 +1,134 @@
+"""DPO's shared-prompt forward gives each response the log-probs the two-row forward gives it.
+
+``PreferenceBatch.shared_prompt`` lays a pair out as one row, the prompt once and then both
+responses, with each response's own positions and a mask that keeps it to the prompt and to
+itself. Checked on the tiny Llama against ``stacked`` (chosen and rejected as separate rows):
+the summed log-probs and their gradients agree, and a mask that lets the rejected response
+see the chosen one is caught.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_ray.batch import PreferenceBatch
+from rlhf_ray.driver.batches import preference_batch
+from rlhf_ray.losses import sequence_logprobs
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.assets import TINY_LLAMA, ensure
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(ensure(TINY_LLAMA), dtype=torch.float32).eval()
+
+
+def pairs(seed: int = 0) -> PreferenceBatch:
+    """Four pairs with prompts of different lengths and responses of different lengths
+    (one chosen longer than its rejected, one shorter, one a single token)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 200, (n,), generator=g).tolist()
+
+    shapes = [(7, 5, 3), (12, 2, 6), (4, 1, 4), (9, 6, 6)]
+    return preference_batch([(ids(p), ids(c), ids(r)) for p, c, r in shapes], PAD)
+
+
+def stacked_logps(model, batch: PreferenceBatch) -> torch.Tensor:
+    both = batch.stacked(PAD)
+    logits = model(input_ids=both.input_ids, attention_mask=both.attention_mask, use_cache=False).logits
+    return sequence_logprobs(logits, both.input_ids, both.loss_mask)
+
+
+def shared_logps(model, batch: PreferenceBatch, mask_fn=None) -> torch.Tensor:
+    rows = batch.shared_prompt(PAD)
+    start = rows.first_predictor()
+    mask = (mask_fn or rows.attention_mask)(torch.float32)
+    logits = model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask,
+                   use_cache=False, logits_to_keep=rows.input_ids.shape[1] - start).logits
+    return rows.sequence_logps(logits, start)
+
+
+def test_the_layout_holds_each_prompt_once():
+    batch = pairs()
+    rows = batch.shared_prompt(PAD)
+    both = batch.stacked(PAD)
+    assert int((rows.segments != 0).sum()) == int(both.attention_mask.sum()) - (7 + 12 + 4 + 9)
+    assert rows.segments[0].tolist()[:7 + 5 + 3] == [1] * 7 + [2] * 5 + [3] * 3
+    # the rejected response restarts at the prompt's length
+    assert rows.position_ids[0, 12:15].tolist() == [7, 8, 9]
+    assert rows.loss_mask.sum() == both.loss_mask.sum()
+
+
+def test_log_probs_and_gradients_equal_the_two_row_forward(model):
+    batch = pairs()
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5])  # chosen then rejected
+
+    model.zero_grad()
+    ref = stacked_logps(model, batch)
+    (ref * weights).sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    got = shared_logps(model, batch)
+    (got * weights).sum().backward()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+
+    assert ref.shape == got.shape == (8,)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-6)
+    for r, g in zip(ref_grads, got_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_a_rejected_response_that_sees_the_chosen_one_is_caught(model):
+    """The check can fail: a plain causal mask over the row lets the rejected response
+    attend to the chosen one, which moves its log-probs."""
+    batch = pairs()
+    rows = batch.shared_prompt(PAD)
+
+    def causal_only(dtype):
+        width = rows.input_ids.shape[1]
+        allowed = torch.ones(width, width, dtype=torch.bool).tril()[None].expand(len(batch), -1, -1)
+        allowed = allowed & (rows.segments != 0)[:, None, :] | torch.eye(width, dtype=torch.bool)
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    with torch.no_grad():
+        ref, wrong = stacked_logps(model, batch), shared_logps(model, batch, causal_only)
+    torch.testing.assert_close(wrong[:4], ref[:4], atol=1e-5, rtol=1e-6)  # chosen: same view
+    assert (wrong[4:] - ref[4:]).abs().max() > 1e-3
+
+
+def test_pairs_that_do_not_share_a_prompt_fall_back():
+    batch = pairs()
+    assert batch.shared_prompt(PAD) is not None
+    other = preference_batch([([5, 6, 7], [8, 9], [10]), ([5, 6, 7], [8], [11, 12])], PAD)
+    other.rejected.input_ids[1, 1] = 42  # the second pair's rejected row has another prompt
+    assert other.shared_prompt(PAD) is None
+    empty = preference_batch([([5, 6, 7], [8, 9], [10])], PAD)
+    empty.rejected.loss_mask.zero_()  # a response with no target (truncated away)
+    assert empty.shared_prompt(PAD) is None
+
+
+def test_the_reference_gives_each_side_what_a_forward_per_side_gives(ray_local, tiny_llama):
+    """``ReferenceServer.preference_logps`` (each prompt once, in micro-batches of pairs)
+    equals ``sequence_logps`` on each side, and pairs that do not share a prompt take that
+    way instead."""
+    from rlhf_ray.workers.reference import ReferenceServer
+
+    ref = ReferenceServer(tiny_llama, micro_batch_size=4)  # 2 pairs a forward: 2 micro-batches
+    batch = pairs(seed=3)
+    chosen, rejected = ref.preference_logps(batch)
+    torch.testing.assert_close(chosen, ref.sequence_logps(batch.chosen), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(rejected, ref.sequence_logps(batch.rejected), atol=1e-5, rtol=1e-6)
+
+    batch.rejected.input_ids[2, 0] = 201  # pair 2 no longer shares its prompt
+    assert batch.shared_prompt(PAD) is None
+    chosen, rejected = ref.preference_logps(batch)
+    torch.testing.assert_close(rejected, ref.sequence_logps(batch.rejected), atol=1e-5, rtol=1e-6)
