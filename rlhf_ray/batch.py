@@ -303,14 +303,19 @@ class SharedPromptRows:
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, W, W) additive mask: query i sees key j <= i of the prompt or of its own
         segment; padding sees only itself (no empty softmax row)."""
-        seg = self.segments
-        width = seg.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
-        key_seg, query_seg = seg[:, None, :], seg[:, :, None]
-        allowed = ((key_seg == 1) | (key_seg == query_seg)) & (key_seg != 0) & causal
-        allowed |= torch.eye(width, dtype=torch.bool, device=seg.device)
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-        return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        from rlhf_ray.data import block_causal_mask
+
+        return block_causal_mask(self.segments, dtype, shared=1)
+
+    def logps(self, model, mask_dtype: torch.dtype) -> torch.Tensor:
+        """(2B,) fp32 summed log-probs of each response under ``model`` (a causal LM, or a
+        DeepSpeed engine around one), from one forward over the rows with logits only from
+        :meth:`first_predictor` on; grad and autocast as the caller sets them."""
+        start = self.first_predictor()
+        logits = model(input_ids=self.input_ids, position_ids=self.position_ids,
+                       attention_mask=self.attention_mask(mask_dtype), use_cache=False,
+                       logits_to_keep=self.input_ids.shape[1] - start).logits
+        return self.sequence_logps(logits, start)
 
     def sequence_logps(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
         """(2B,) fp32 summed log-probs of each response's counted tokens, chosen then

@@ -131,11 +131,13 @@ def collate_packed(packs: Sequence[PackedExample], pad_id: int,
     return batch
 
 
-def block_causal_mask(document_ids: torch.Tensor,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+def block_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None,
+                      shared: int | None = None) -> torch.Tensor:
     """A ``(B, 1, T, T)`` mask of which key ``j`` query ``i`` may attend to: same document,
     ``j <= i``, and not padding (``document_ids == 0``). A padding query attends to itself
-    only, so no softmax row is empty (no NaN); its output is never a target.
+    only, so no softmax row is empty (no NaN); its output is never a target. ``shared``: a
+    document every query of the row may also attend to (a prompt that several responses
+    continue, :class:`rlhf_ray.batch.SharedPromptRows`).
 
     ``dtype=None``: boolean, True where attention is allowed. A floating ``dtype`` (the
     model's): the additive form, 0 where allowed and ``torch.finfo(dtype).min`` elsewhere.
@@ -146,6 +148,8 @@ def block_causal_mask(document_ids: torch.Tensor,
     import torch
 
     same = document_ids[:, :, None] == document_ids[:, None, :]
+    if shared is not None:
+        same |= (document_ids == shared)[:, None, :]
     length = document_ids.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
     real = (document_ids != 0)[:, None, :]

@@ -290,15 +290,10 @@ class LearnerWorker(WeightSender, Worker):
             shared = mb.shared_prompt(self.pad_id) if self.learner.shared_prompt else None
             if shared is not None:  # each prompt computed once for its two responses
                 shared = shared.to(self.device)
-                start = shared.first_predictor()
                 with self._autocast():
-                    logits = self.model(input_ids=shared.input_ids, position_ids=shared.position_ids,
-                                        attention_mask=shared.attention_mask(getattr(torch, self.dtype)),
-                                        use_cache=False,
-                                        logits_to_keep=shared.input_ids.shape[1] - start).logits
-                return loss_terms.dpo_terms_from_logps(
-                    shared.sequence_logps(logits, start), mb, beta, loss_type, label_smoothing, n,
-                    (shared.segments != 0).sum())
+                    logps = shared.logps(self.model, getattr(torch, self.dtype))
+                return loss_terms.dpo_terms_from_logps(logps, mb, beta, loss_type, label_smoothing, n,
+                                                       (shared.segments != 0).sum())
             both = mb.stacked(self.pad_id)
             start = both.first_target_column()  # the shared prompt prefix needs no logits
             logits = self._forward(self.model, both, keep_from=start).logits

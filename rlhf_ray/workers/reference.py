@@ -111,13 +111,8 @@ class ReferenceServer(Worker):
                 chosen.append(self.sequence_logps(mb.chosen))
                 rejected.append(self.sequence_logps(mb.rejected))
                 continue
-            rows = rows.to(self.device)
-            start = rows.first_predictor()
             with torch.no_grad(), self._autocast():
-                logits = self.model(input_ids=rows.input_ids, position_ids=rows.position_ids,
-                                    attention_mask=rows.attention_mask(self.model.dtype), use_cache=False,
-                                    logits_to_keep=rows.input_ids.shape[1] - start).logits
-                logps = rows.sequence_logps(logits, start).cpu()
+                logps = rows.to(self.device).logps(self.model, self.model.dtype).cpu()
             chosen.append(logps[: len(mb)])
             rejected.append(logps[len(mb):])
         return torch.cat(chosen), torch.cat(rejected)
