@@ -1,4 +1,5 @@
-"""SFT and DPO steps: rlhf-ray's learner against TRL's SFTTrainer and DPOTrainer, same run.
+"""SFT, DPO and reward-model steps: rlhf-ray's learner against TRL's SFTTrainer, DPOTrainer
+and RewardTrainer, same run.
 
     .venv/bin/python bench/sft_dpo_vs_trl.py                     # SmolLM2-135M fp32, 16 rows / 8 pairs a step
     .venv/bin/python bench/sft_dpo_vs_trl.py --steps 5 --only sft
@@ -6,11 +7,14 @@
 Both sides train the same model on the same tokens in the same order: the SFT rows are
 Alpaca-templated arithmetic (tokenised by rlhf-ray, handed to TRL pre-tokenised with
 ``labels`` on the response), the DPO pairs are the chat-templated sorting pairs (tokenised by
-TRL, the same ids handed to rlhf-ray). Same batch (one micro-batch, no accumulation),
-AdamW, learning rate, gradient clipping at 1.0, fp32, torch threads. DPO: sigmoid loss,
-beta 0.1, the frozen start model as the reference, its log-probs computed every step on
-both sides (TRL: ``precompute_ref_log_probs=False``; rlhf-ray: a ``ReferenceServer``
-forward, then the learner's ``dpo_step``).
+TRL, the same ids handed to rlhf-ray), the reward-model pairs are the sorting pairs as the
+``rm`` recipe lays them out (Alpaca template, no EOS; handed to TRL as ``chosen_ids`` /
+``rejected_ids``), both sides starting from one saved classifier with a seeded head. Same
+batch (one micro-batch, no accumulation), AdamW, learning rate, gradient clipping at 1.0,
+fp32, torch threads. DPO: sigmoid loss, beta 0.1, the frozen start model as the reference,
+its log-probs computed every step on both sides (TRL: ``precompute_ref_log_probs=False``;
+rlhf-ray: a ``ReferenceServer`` forward, then the learner's ``dpo_step``). Reward model:
+the pairwise loss with no margin and no centring.
 
 The learner is ``LearnerWorker`` exactly as the recipes build it (DeepSpeed ZeRO-0 on gloo,
 one rank) and the reference is ``ReferenceServer``, both called in-process so that only
@@ -70,6 +74,33 @@ def preference_texts(args, tokenizer) -> list[dict]:
 
     return [{"prompt": tokenizer.decode(e.prompt_ids), "chosen": text(e.chosen_ids),
              "rejected": text(e.rejected_ids)} for e in examples[: args.pairs * (args.steps + 1)]]
+
+
+def reward_pairs(args, tokenizer) -> list:
+    """The sorting pairs as the rm recipe lays them out: ``prompt_text + response`` in the
+    Alpaca template, no special tokens, no EOS (so no real token is the pad id and TRL's
+    last-non-pad pooling reads the same token rlhf-ray scores)."""
+    from rlhf_ray.config import DataConfig
+    from rlhf_ray.recipes.rm import reward_pairs as load
+
+    data = DataConfig(source="sorting", format="preference", template="alpaca",
+                      num_rows=args.pairs * (args.steps + 1) * 2, max_length=128)
+    pairs, _, _ = load(data, tokenizer, "train")
+    return pairs[: args.pairs * (args.steps + 1)]
+
+
+def reward_start(model_path: str, folder: str) -> str:
+    """One sequence classifier with a seeded fresh head, saved, so both sides start from the
+    same weights (each loading the causal LM would draw its own head)."""
+    import torch
+
+    from rlhf_ray.models import load_model
+    from rlhf_ray.workers.deepspeed_setup import copy_tokenizer
+
+    torch.manual_seed(0)
+    load_model(model_path, "reward").save_pretrained(folder, safe_serialization=True)
+    copy_tokenizer(model_path, folder)
+    return folder
 
 
 # --------------------------------------------------------------------------- TRL
@@ -170,19 +201,42 @@ def trl_dpo(args, model_path: str, texts: list[dict]) -> tuple[dict, list]:
     return {"step_s": timer.seconds, "losses": trainer.losses, "threads": torch.get_num_threads()}, triples
 
 
+def trl_rm(args, model_path: str, pairs: list) -> dict:
+    """TRL's RewardTrainer on the same token ids (pre-tokenised ``chosen_ids`` /
+    ``rejected_ids``), no margin, no reward centring."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    timer = _Timer()
+    rows = [{"chosen_ids": c, "rejected_ids": r} for c, r, _, _ in pairs]
+    with tempfile.TemporaryDirectory() as out:
+        config = RewardConfig(output_dir=out, per_device_train_batch_size=args.pairs, **_trainer_args(args),
+                              max_length=None, center_rewards_coefficient=None)
+        trainer = _in_order(RewardTrainer)(
+            model=AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32),
+            args=config, train_dataset=Dataset.from_list(rows),
+            processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[_trl_callback(timer)])
+        trainer.losses = []
+        trainer.train()
+    return {"step_s": timer.seconds, "losses": trainer.losses, "threads": torch.get_num_threads()}
+
+
 # --------------------------------------------------------------------------- rlhf-ray
 
 
-def _learner(args, model_path: str, micro_batch: int):
+def _learner(args, model_path: str, micro_batch: int, model_kind: str = "causal_lm"):
     import torch
 
     from rlhf_ray.config import LearnerConfig, OptimConfig
     from rlhf_ray.workers.learner import LearnerWorker
 
     learner = LearnerWorker(model_path, LearnerConfig(micro_batch_size=micro_batch, threads=args.threads,
-                                                      autocast="bfloat16" if args.bf16 else "none"),
+                                                      autocast="bfloat16" if args.bf16 else "none",
+                                                      shared_prompt=not args.no_shared_prompt),
                             OptimConfig(lr=args.lr, grad_clip=1.0, weight_decay=0.0, betas=[0.9, 0.999], warmup_steps=0,
-                                        schedule="constant"))
+                                        schedule="constant"), model_kind=model_kind)
     learner.init()
     assert torch.get_num_threads() == args.threads
     return learner
@@ -226,6 +280,24 @@ def ours_dpo(args, model_path: str, triples: list, pad: int) -> dict:
         learner.shutdown()
 
 
+def ours_rm(args, model_path: str, pairs: list, pad: int) -> dict:
+    from rlhf_ray.recipes.rm import pair_batch
+
+    learner = _learner(args, model_path, 2 * args.pairs, model_kind="reward")
+    try:
+        seconds, losses, shared = [], [], []
+        for step in range(args.steps + 1):
+            batch = pair_batch(pairs[step * args.pairs: (step + 1) * args.pairs], pad)
+            shared.append(batch.shared_prompt(pad) is not None)
+            t0 = time.perf_counter()
+            m = learner.rm_step(batch)
+            seconds.append(time.perf_counter() - t0)
+            losses.append(m["rm/loss"])
+        return {"step_s": seconds, "losses": losses, "shared_prompt_steps": sum(shared)}
+    finally:
+        learner.shutdown()
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -252,7 +324,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first (untimed) one")
     ap.add_argument("--batch", type=int, default=16, help="SFT rows per step")
-    ap.add_argument("--pairs", type=int, default=8, help="DPO pairs per step")
+    ap.add_argument("--pairs", type=int, default=8, help="DPO and reward-model pairs per step")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -261,7 +333,10 @@ def main() -> int:
                          "the first-step losses are then reported, not required to be equal")
     ap.add_argument("--trl-heap", action="store_true",
                     help="TRL runs with the heap setting the learner makes (freed memory kept for reuse)")
-    ap.add_argument("--only", choices=["sft", "dpo"], default=None)
+    ap.add_argument("--no-shared-prompt", action="store_true",
+                    help="the learner runs chosen and rejected as two rows (learner.shared_prompt=false): "
+                         "the lever measured on its own")
+    ap.add_argument("--only", choices=["sft", "dpo", "rm"], default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sft_dpo_vs_trl.json"))
     args = ap.parse_args()
 
@@ -269,7 +344,7 @@ def main() -> int:
         import subprocess
 
         results, argv = {}, [a for a in sys.argv[1:]]
-        for kind in ("sft", "dpo"):
+        for kind in ("sft", "dpo", "rm"):
             out = Path(tempfile.mkdtemp()) / f"{kind}.json"
             done = subprocess.run([sys.executable, __file__, *argv, "--only", kind, "--out", str(out)])
             if out.exists():
@@ -301,6 +376,11 @@ def main() -> int:
     if args.only in (None, "dpo"):
         trl, triples = trl_dpo(args, model_path, preference_texts(args, tokenizer))
         results["dpo"] = compare("DPO", trl, ours_dpo(args, model_path, triples, pad))
+    if args.only in (None, "rm"):
+        pairs = reward_pairs(args, tokenizer)
+        with tempfile.TemporaryDirectory() as folder:
+            start = reward_start(model_path, folder)
+            results["rm"] = compare("RM", trl_rm(args, start, pairs), ours_rm(args, start, pairs, pad))
     return write(args, results)
 
 

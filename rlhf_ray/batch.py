@@ -320,12 +320,36 @@ class SharedPromptRows:
     def sequence_logps(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
         """(2B,) fp32 summed log-probs of each response's counted tokens, chosen then
         rejected; logits: (B, W - start, V), the model's output on the rows from column
-        ``start`` on."""
+        ``start`` on. Only the counted tokens' columns are read, one row at a time
+        (:func:`rlhf_ray.losses.picked_logprobs`): no gathered (2B, A, V) copy."""
+        from rlhf_ray.losses import picked_logprobs
+
         n = self.input_ids.shape[0]
-        pair = torch.arange(2 * n, device=logits.device) % n
-        picked = logits[pair[:, None], self.predictors - start].float()  # (2B, A, V)
-        logps = torch.log_softmax(picked, dim=-1).gather(-1, self.targets[..., None]).squeeze(-1)
-        return (logps * self.loss_mask).sum(-1)
+        response, slot = self.loss_mask.nonzero(as_tuple=True)  # the counted tokens
+        logps = picked_logprobs(logits, response % n, self.predictors[response, slot] - start,
+                                self.targets[response, slot])
+        weights = self.loss_mask[response, slot].to(logps.dtype)
+        return logps.new_zeros(2 * n).index_add_(0, response, logps * weights).float()
+
+    def last_columns(self) -> torch.Tensor:
+        """(2B,) the column of each response's last token, chosen then rejected: where a
+        reward model's scalar head scores it, as it scores the end of a two-row sequence."""
+        width = self.segments.shape[1]
+        columns = torch.arange(width, device=self.segments.device)
+        chosen = torch.where(self.segments == 2, columns, -1).amax(-1)
+        rejected = torch.where(self.segments == 3, columns, -1).amax(-1)
+        return torch.cat([chosen, rejected])
+
+    def scores(self, model, mask_dtype: torch.dtype) -> torch.Tensor:
+        """(2B,) fp32 scalar-head outputs of a reward model (a sequence classifier, or a
+        DeepSpeed engine around one) at each response's last token, chosen then rejected,
+        from one forward over the rows; grad and autocast as the caller sets them."""
+        from rlhf_ray.models import token_scores
+
+        per_token = token_scores(model, self.input_ids, self.attention_mask(mask_dtype),
+                                 self.position_ids)  # (B, W)
+        n = self.input_ids.shape[0]
+        return per_token[torch.arange(2 * n, device=per_token.device) % n, self.last_columns()]
 
 
 def _shard_slices(n_rows: int, n: int) -> list[slice]:

@@ -116,7 +116,7 @@ class LearnerConfig:
     micro_batch_size: int = option(4, "Sequences per forward/backward on each rank.")
     offload: bool = option(False, "Offload optimizer state to CPU (ZeRO >= 1).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
-    shared_prompt: bool = option(True, "DPO: run each pair's prompt once, its chosen and rejected responses each attending to it and to themselves only (one row, a segment mask), instead of the prompt twice; pairs whose rows do not share the prompt fall back to the two-row forward.")
+    shared_prompt: bool = option(True, "DPO and reward-model training: run each pair's prompt once, its chosen and rejected responses each attending to it and to themselves only (one row, a segment mask), instead of the prompt twice; pairs whose rows do not share the prompt fall back to the two-row forward.")
     reuse_memory: bool = option(True, "Keep the memory a step frees in the process for the next step (glibc mallopt: no per-block mmap, no automatic trim) instead of faulting fresh pages in each step (a DPO step of SmolLM2-135M on a 2-core VM: 8.4 -> 6.8 s). trim_memory still hands it back where set.")
     trim_memory: bool = option(False, "After each optimizer step and weight publish, hand the memory they freed back to the OS (glibc malloc_trim): a smaller resident size between steps, for nodes where other roles need it, paid for by faulting the pages in again next step (on a 2-core VM: 18 -> 34 s of training per GRPO bench step).")
     cpus_per_worker: float = option(1.0, "Ray CPUs reserved per learner.")

@@ -200,19 +200,24 @@ def dpo_terms_from_logps(logps: torch.Tensor, mb: PreferenceBatch, beta: float, 
         "perf/tokens": tokens}
 
 
-def rm_terms(scores: torch.Tensor, mb: PreferenceBatch, margin: float, num_pairs: float) -> Terms:
+def rm_terms(scores: torch.Tensor, mb: PreferenceBatch, margin: float, num_pairs: float,
+             tokens: torch.Tensor | None = None) -> Terms:
     """Pairwise (Bradley-Terry) reward-model loss of one micro-batch of B pairs.
 
     scores: (2B,) chosen then rejected, from :func:`rlhf_ray.models.sequence_scores` on
-    ``mb.stacked(pad_id)``; margin: required score margin (0: none).
+    ``mb.stacked(pad_id)`` or :meth:`rlhf_ray.batch.SharedPromptRows.scores`; margin:
+    required score margin (0: none). tokens: the tokens the forward computed (default: both
+    sides' rows, the two-row forward's).
     num_pairs: global pair count; the mean loss of ``mb`` is weighted by ``B / num_pairs``.
     Returns ``[loss]`` (0-d) and the ``rm/*`` stats.
     """
     b = len(mb)
     out = pairwise_reward_loss(scores[:b], scores[b:], margin or None)
     w = b / num_pairs
+    if tokens is None:
+        tokens = mb.chosen.attention_mask.sum() + mb.rejected.attention_mask.sum()
     return [out.loss * w], {
         "rm/loss": out.loss * w, "rm/accuracy": out.accuracy * w,
         "rm/chosen_score": out.chosen_mean * w, "rm/rejected_score": out.rejected_mean * w,
         "rm/margin": out.margin_mean * w,
-        "perf/tokens": mb.chosen.attention_mask.sum() + mb.rejected.attention_mask.sum()}
+        "perf/tokens": tokens}

@@ -215,6 +215,53 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, with_entropy: 
     return (logprobs, entropy) if with_entropy else logprobs
 
 
+class _PickedLogprobs(torch.autograd.Function):
+    """``log softmax(logits[rows[k], cols[k]])[targets[k]]`` for every k, where a column may
+    predict several targets (the shared prompt's last column predicts the first token of
+    both responses). Forward and backward go one row of ``logits`` at a time, like
+    :class:`_NextTokenLogprobs`: no gathered (N, V) copy, no log-softmax, one gradient
+    buffer. The gradient of column z is ``sum_k g_k onehot(t_k) - (sum_k g_k) softmax(z)``."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse = torch.empty(logits.shape[:2], dtype=acc, device=logits.device)  # (B, T)
+        for i in range(logits.shape[0]):
+            lse[i] = torch.logsumexp(logits[i].to(acc), dim=-1)
+        logprobs = logits[rows, cols, targets].to(acc) - lse[rows, cols]
+        ctx.save_for_backward(logits, rows, cols, targets, lse)
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: torch.Tensor):
+        logits, rows, cols, targets, lse = ctx.saved_tensors
+        g = grad_logprobs.to(lse.dtype)
+        per_column = torch.zeros_like(lse).index_put_((rows, cols), g, accumulate=True)  # (B, T)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        for i in range(logits.shape[0]):
+            row = logits[i].to(lse.dtype).sub_(lse[i].unsqueeze(-1)) if logits.dtype != lse.dtype \
+                else torch.sub(logits[i], lse[i].unsqueeze(-1), out=grad[i])
+            row.exp_().mul_(-per_column[i].unsqueeze(-1))  # -(sum g) softmax, 0 where unused
+            if row.data_ptr() != grad[i].data_ptr():
+                grad[i].copy_(row)
+        grad.index_put_((rows, cols, targets), g.to(grad.dtype), accumulate=True)
+        return grad, None, None, None
+
+
+def picked_logprobs(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    """(N,) fp32 (fp64 for fp64 logits) log-probability of ``targets[k]`` under the
+    distribution at column ``cols[k]`` of row ``rows[k]``; logits (B, T, V), the index
+    tensors (N,). For layouts where a token's predicting column is not simply the one before
+    it (:class:`rlhf_ray.batch.SharedPromptRows`). Memory as :func:`token_logprobs`: one
+    row's fp32 upcast at a time forward, one (B, T, V) gradient backward."""
+    if logits.dim() != 3 or not rows.shape == cols.shape == targets.shape or rows.dim() != 1:
+        raise ValueError(f"expected logits (B, T, V) and rows, cols, targets (N,), got "
+                         f"{tuple(logits.shape)}, {tuple(rows.shape)}, {tuple(cols.shape)}, "
+                         f"{tuple(targets.shape)}")
+    return _PickedLogprobs.apply(logits, rows, cols, targets)
+
+
 def sequence_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,

@@ -60,20 +60,29 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.shape[-1] - 1 - attention_mask.flip(-1).argmax(-1)
 
 
-def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) fp32 scalar-head outputs at each row's last real token.
+def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) fp32 scalar-head output at every position.
 
     ``model`` may be the classifier itself or a wrapper that calls it (a DeepSpeed engine:
-    pass the engine, its ``.module`` must be the classifier). Gradients flow through.
+    pass the engine, its ``.module`` must be the classifier). ``attention_mask`` is (B, T),
+    or a (B, 1, T, T) additive mask with ``position_ids`` for rows that hold more than one
+    sequence. Gradients flow through.
     """
     inner = getattr(model, "module", model)
     captured: list[torch.Tensor] = []
     hook = scalar_head(inner).register_forward_hook(lambda mod, args, out: captured.append(out))
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     finally:
         hook.remove()
-    per_token = captured[-1].squeeze(-1).float()  # (B, T)
+    return captured[-1].squeeze(-1).float()
+
+
+def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) fp32 scalar-head outputs at each row's last real token (see :func:`token_scores`)."""
+    per_token = token_scores(model, input_ids, attention_mask)
     rows = torch.arange(per_token.shape[0], device=per_token.device)
     return per_token[rows, last_token_index(attention_mask)]

@@ -309,8 +309,13 @@ class LearnerWorker(WeightSender, Worker):
         n = self._counts(0, len(batch), None, num_pairs_global)[1]
 
         def loss_fn(mb: PreferenceBatch):
-            scores = self._scores(self.model, mb.stacked(self.pad_id))
-            return loss_terms.rm_terms(scores, mb, margin, n)
+            shared = mb.shared_prompt(self.pad_id) if self.learner.shared_prompt else None
+            if shared is not None:  # each prompt computed once for its two responses
+                shared = shared.to(self.device)
+                with self._autocast():
+                    scores = shared.scores(self.model, getattr(torch, self.dtype))
+                return loss_terms.rm_terms(scores, mb, margin, n, (shared.segments != 0).sum())
+            return loss_terms.rm_terms(self._scores(self.model, mb.stacked(self.pad_id)), mb, margin, n)
 
         return TrainPlan([(self.model, "rm")], self._split_pairs(batch), loss_fn)
 

@@ -132,3 +132,71 @@ def test_the_reference_gives_each_side_what_a_forward_per_side_gives(ray_local, 
     assert batch.shared_prompt(PAD) is None
     chosen, rejected = ref.preference_logps(batch)
     torch.testing.assert_close(rejected, ref.sequence_logps(batch.rejected), atol=1e-5, rtol=1e-6)
+
+
+def test_picked_log_probs_and_their_gradient_match_autograd():
+    """The hand-written backward of ``picked_logprobs`` (a column may predict two targets,
+    as the shared prompt's last column does) equals autograd through log-softmax."""
+    from rlhf_ray.losses import picked_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 0, 0, 1, 2, 2, 1])
+    cols = torch.tensor([1, 1, 4, 0, 2, 3, 0])  # (0, 1) and (1, 0) predict two targets each
+    targets = torch.tensor([3, 7, 7, 1, 10, 0, 1])
+    weights = torch.randn(7, generator=g, dtype=torch.float64)
+
+    got = picked_logprobs(logits, rows, cols, targets)
+    (got * weights).sum().backward()
+    got_grad, logits.grad = logits.grad.clone(), None
+    ref = torch.log_softmax(logits, -1)[rows, cols, targets]
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_grad, logits.grad)
+    assert got_grad[0, 0].abs().max() == 0  # a column nothing reads gets no gradient
+    assert torch.autograd.gradcheck(lambda z: picked_logprobs(z, rows, cols, targets), (logits.detach().requires_grad_(),))
+    with pytest.raises(ValueError, match="rows, cols, targets"):
+        picked_logprobs(logits, rows, cols[:3], targets)
+
+
+@pytest.fixture(scope="module")
+def reward_model():
+    from rlhf_ray.assets import TINY_LLAMA, ensure
+    from rlhf_ray.models import load_model
+
+    torch.manual_seed(0)
+    return load_model(ensure(TINY_LLAMA), "reward").eval()
+
+
+def test_reward_scores_and_gradients_equal_the_two_row_forward(reward_model):
+    """A reward model scores each response at its last token in the shared row as it does
+    at the end of the response's own row, and the gradients of any weighting agree."""
+    from rlhf_ray.models import sequence_scores
+
+    batch = pairs(seed=5)
+    weights = torch.tensor([0.5, -1.0, 2.0, 1.5, -0.25, 1.0, -2.0, 0.75])
+
+    reward_model.zero_grad()
+    both = batch.stacked(PAD)
+    ref = sequence_scores(reward_model, both.input_ids, both.attention_mask)
+    (ref * weights).sum().backward()
+    ref_grads = [p.grad.clone() for p in reward_model.parameters()]
+
+    reward_model.zero_grad()
+    got = batch.shared_prompt(PAD).scores(reward_model, torch.float32)
+    (got * weights).sum().backward()
+    got_grads = [p.grad.clone() for p in reward_model.parameters()]
+
+    assert got.shape == ref.shape == (8,)
+    assert (ref[:4] - ref[4:]).abs().min() > 1e-4  # the two sides really score differently
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for r, g in zip(ref_grads, got_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_reward_scores_read_each_response_at_its_own_last_token():
+    rows = pairs().shared_prompt(PAD)
+    # pair 0: prompt 7, chosen 5, rejected 3 -> chosen ends at column 11, rejected at 14
+    assert rows.last_columns()[[0, 4]].tolist() == [11, 14]
+    # pair 2: prompt 4, chosen 1, rejected 4 -> columns 4 and 8
+    assert rows.last_columns()[[2, 6]].tolist() == [4, 8]
