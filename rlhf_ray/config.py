@@ -157,7 +157,7 @@ class SamplingConfig:
 @dataclass
 class RolloutConfig:
     num_workers: int = option(1, "vLLM rollout workers (scale independently of the learners).")
-    tensor_parallel_size: int = option(1, "vLLM tensor-parallel size per worker (GPU).")
+    tensor_parallel_size: int = option(1, "vLLM tensor-parallel size per worker: GPUs, or on a CPU engine processes that split the worker's cores between them.")
     max_model_len: int = option(1024, "vLLM context length (prompt plus response).")
     trim_memory: bool = option(False, "After each weight load, hand the memory the engine freed while loading back to the OS (glibc malloc_trim): a smaller resident size, paid for by faulting the pages in again at the next load (on a 2-core VM about 1 s of a GRPO step's sync).")
     kv_cache_gib: float = option(1.0, "KV-cache size on CPU in GiB, fractions allowed (a VLLM_CPU_KVCACHE_SPACE in the environment overrides it).")
