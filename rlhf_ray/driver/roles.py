@@ -8,6 +8,10 @@ SIGTERM it shuts them down in reverse order, then closes the Ray session it open
     with Roles(cfg.ray, worker_env()) as roles:
         rollouts = roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
         learners = roles.learners(policy_path, cfg.learner, cfg.optim, cfg.model.dtype, ...)
+
+Inside ``with roles.together():`` the roles start side by side: each method launches its
+workers and returns, and the block's end waits for all of them, in the order they were
+asked for. A job's start then takes about as long as its slowest role, not their sum.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Roles:
         self._cleanups: list[Callable[[], None]] = []  # run before the groups stop
         self._session = contextlib.ExitStack()
         self._connected = False
+        self._unfinished: list[Callable[[], None]] | None = None  # inside together(): waits still due
 
     def __enter__(self) -> Roles:
         return self
@@ -65,6 +70,24 @@ class Roles:
             self._session.close()
             self._connected = False
 
+    @contextlib.contextmanager
+    def together(self):
+        """Start every role asked for in this block at once; the block's end waits for them.
+
+        Their processes import, load models and initialise side by side. The waits run in
+        the order the roles were asked for, so the first role's failure is the one raised
+        (the others are then shut down with the rest). Nested blocks join the outer one."""
+        if self._unfinished is not None:
+            yield
+            return
+        self._unfinished = []
+        try:
+            yield
+            while self._unfinished:
+                self._unfinished.pop(0)()
+        finally:
+            self._unfinished = None
+
     def on_shutdown(self, cleanup: Callable[[], None]) -> None:
         """Also run ``cleanup`` at shutdown (before the groups stop), e.g. to kill a helper actor."""
         self._cleanups.append(cleanup)
@@ -80,8 +103,8 @@ class Roles:
                             keys={"CPU": "rollout.cpus_per_worker", "GPU": "rollout.gpus_per_worker"},
                             resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
                                                       custom=dict(rollout.resources),
-                                                      placement=rollout.placement))
-        self.resolved["rollout_engine"] = group.call("health")[0]["engine"]
+                                                      placement=rollout.placement),
+                            then=lambda g: self.resolved.__setitem__("rollout_engine", g.call("health")[0]["engine"]))
         return group
 
     def reward(self, reward: RewardConfig) -> WorkerGroup:
@@ -116,7 +139,11 @@ class Roles:
         ``value_optim`` set: each rank also trains a value model (from ``value_model``, or the
         policy's backbone). ``exclusive``: no other role computes while they train (their
         CPU threads then default to the node's cores, see ``learner.threads``)."""
-        group = self._start(LearnerWorker, "learner", learner.num_workers, distributed=True,
+        def init(group: WorkerGroup) -> None:
+            ranks = group.call("init")
+            self.resolved["learner"] = {"threads": [r["threads"] for r in ranks]}  # for summary.json
+
+        group = self._start(LearnerWorker, "learner", learner.num_workers, distributed=True, then=init,
                             args=(model, learner, optim, dtype, model_kind),
                             kwargs=dict(with_value=value_optim is not None, total_steps=optimizer_steps,
                                         seed=seed, value_model_path=value_model,
@@ -125,16 +152,17 @@ class Roles:
                             resources=WorkerResources(learner.cpus_per_worker, learner.gpus_per_worker,
                                                       custom=dict(learner.resources),
                                                       placement=learner.placement))
-        ranks = group.call("init")
-        self.resolved["learner"] = {"threads": [r["threads"] for r in ranks]}  # for summary.json
         return group
 
     # ------------------------------------------------------------------ helpers
 
     def _start(self, actor_cls: type, role: str, num_workers: int,
-               keys: dict[str, str] | None = None, **options) -> WorkerGroup:
+               keys: dict[str, str] | None = None, then: Callable[[WorkerGroup], None] | None = None,
+               **options) -> WorkerGroup:
         """``keys``: the config key of each resource the role reserves (for the error when a
-        private local Ray cannot hold the group)."""
+        private local Ray cannot hold the group). ``then``: a call to make on the started
+        group before it is ready (e.g. the learners' init); inside :meth:`together` both wait
+        until the block ends."""
         if not self._connected:
             self._session.enter_context(ray_session(self.ray, self.env))
             self._connected = True
@@ -147,9 +175,19 @@ class Roles:
             check_resources(role, num_workers, {"CPU": r.num_cpus, "GPU": r.num_gpus}, held,
                             keys or {})
         group = WorkerGroup(actor_cls, role, num_workers, timeout_s=self.ray.call_timeout_s,
-                            start_timeout_s=self.ray.start_timeout_s, **options)
-        self.groups.append(group)
-        self.placements.setdefault(role, []).extend(
-            {"rank": rank, **{k: info[k] for k in ("node_id", "ip", "host", "pid", "gpu_ids")}}
-            for rank, info in enumerate(group.infos))
+                            start_timeout_s=self.ray.start_timeout_s, wait=False, **options)
+        self.groups.append(group)  # from launch on: shutdown() stops it whatever happens next
+
+        def finish() -> None:
+            group.wait_started()
+            self.placements.setdefault(role, []).extend(
+                {"rank": rank, **{k: info[k] for k in ("node_id", "ip", "host", "pid", "gpu_ids")}}
+                for rank, info in enumerate(group.infos))
+            if then is not None:
+                then(group)
+
+        if self._unfinished is None:
+            finish()
+        else:
+            self._unfinished.append(finish)
         return group

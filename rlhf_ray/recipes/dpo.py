@@ -58,7 +58,7 @@ def run(cfg: DPOConfig) -> dict:
 
     # 2. run folder; 3. learners (restored with resume=auto) and the frozen reference
     with Run(cfg, "dpo", data_fingerprint=batches.fingerprint(train)) as run:
-        with run.phase("start"):
+        with run.phase("start"), run.roles.together():
             learners = run.roles.learners(model_path, cfg.learner, cfg.optim, cfg.model.dtype,
                                           optimizer_steps=total, seed=cfg.seed)
             ref = run.roles.reference(*reference, ReferenceConfig(

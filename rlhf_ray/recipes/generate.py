@@ -34,7 +34,7 @@ def run(cfg: GenerateConfig) -> dict:
                                    cfg.split)
         scoring = cfg.reward.is_set
         # 2. workers
-        with run.phase("start"):  # the reward first: a wrong url, model or function fails fast
+        with run.phase("start"), run.roles.together():  # the reward first: its error is the one raised
             reward = run.roles.reward(cfg.reward) if scoring else None
             rollouts = run.roles.rollouts(model_path, cfg.rollout, cfg.model.dtype, cfg.seed)
         # 3-4. generate, score as each worker finishes

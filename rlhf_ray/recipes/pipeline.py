@@ -119,8 +119,9 @@ def _score_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, floa
     prompts = load_prompts(cfg.eval_data, tokenizer, rollout_cfg.max_model_len, "heldout")[: cfg.eval_prompts]
     scores = {}
     with Roles(cfg.ray) as roles:
-        rollouts = roles.rollouts(models["base"], rollout_cfg, cfg.model.dtype, cfg.seed)
-        reward = roles.reward(RewardConfig(function=cfg.eval_checker))
+        with roles.together():
+            rollouts = roles.rollouts(models["base"], rollout_cfg, cfg.model.dtype, cfg.seed)
+            reward = roles.reward(RewardConfig(function=cfg.eval_checker))
         for version, (name, path) in enumerate(models.items()):
             if version:
                 state = load_file(str(Path(path) / "model.safetensors"))

@@ -206,7 +206,7 @@ def _start(run: Run, cfg: PPOConfig, policy_path: str) -> Workers:
     """Rollout workers, reward and reference servers, learners (a value model too for gae)."""
     reference_path = resolve_model(cfg.reference.model or cfg.model.path, role="reference")
     optimizer_steps = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
-    with run.phase("start"):  # the reward first: a wrong url, model or function fails fast
+    with run.phase("start"), run.roles.together():  # the reward first: its error is the one raised
         # with an environment, it scores the episodes and no RewardServer is started
         reward = None if cfg.env.is_set else run.roles.reward(cfg.reward)
         rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed, env=cfg.env)

@@ -35,8 +35,8 @@ def run(cfg: PrefsConfig) -> dict:
 
         policy_path = resolve_model(cfg.model.path, role="policy")
         prompts = load_prompts(cfg.data, load_tokenizer(policy_path), cfg.rollout.max_model_len, cfg.split)
-        with run.phase("start"):
-            reward = run.roles.reward(cfg.reward)  # first: a broken judge fails before vLLM starts
+        with run.phase("start"), run.roles.together():
+            reward = run.roles.reward(cfg.reward)  # first: a broken judge's error is the one raised
             rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
         # 1-2. candidates, scored
         with run.phase("generate"):

@@ -50,10 +50,12 @@ def run(cfg: RSConfig) -> dict:
     with Run(cfg, "rs", resumable=RESUMABLE,
              data_fingerprint=data_id) as run:
         with run.phase("start"):
-            rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
-            reward = run.roles.reward(cfg.reward)
-            learners = run.roles.learners(policy_path, cfg.learner, cfg.optim, cfg.model.dtype,
-                                          optimizer_steps=cfg.rounds * optimizer_steps_per_round, seed=cfg.seed)
+            with run.roles.together():
+                rollouts = run.roles.rollouts(policy_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+                reward = run.roles.reward(cfg.reward)
+                learners = run.roles.learners(policy_path, cfg.learner, cfg.optim, cfg.model.dtype,
+                                              optimizer_steps=cfg.rounds * optimizer_steps_per_round,
+                                              seed=cfg.seed)
             sync = WeightSync(learners, rollouts, dtype=cfg.rollout.dtype or cfg.model.dtype)
         start = run.restore(learners)
         outputs: dict[str, str] = dict(run.resume_state.extra["outputs"]) if run.resuming else {}

@@ -176,7 +176,10 @@ class WorkerGroup:
 
     def __init__(self, actor_cls: type, role: str, num_workers: int, args: Sequence = (),
                  kwargs: dict | None = None, resources: WorkerResources | None = None,
-                 distributed: bool = False, timeout_s: float = 600.0, start_timeout_s: float = 600.0):
+                 distributed: bool = False, timeout_s: float = 600.0, start_timeout_s: float = 600.0,
+                 wait: bool = True):
+        """``wait=False``: return once the workers are launched; :meth:`wait_started` waits
+        for their constructors (so several groups can start side by side)."""
         self.actor_cls, self.role, self.args = actor_cls, role, tuple(args)
         self.kwargs = dict(kwargs or {})
         self.resources = resources or WorkerResources()
@@ -189,7 +192,9 @@ class WorkerGroup:
         self.dead: set[int] = set()  # ranks whose process died and were not replaced
         self._pg = None
         self._remote_cls = ray.remote(actor_cls)
-        self.add(num_workers)
+        # workers launched and not yet waited for: (ranks, handles, their node_info refs)
+        self._starting: tuple[list[int], list, list] | None = None
+        self.add(num_workers, wait=wait)
 
     # ------------------------------------------------------------------ membership
 
@@ -204,10 +209,13 @@ class WorkerGroup:
                 placement_group=self._pg, placement_group_bundle_index=bundle_index)
         return opts
 
-    def add(self, n: int) -> list[int]:
-        """Start ``n`` more workers (scale out); returns their ranks."""
+    def add(self, n: int, wait: bool = True) -> list[int]:
+        """Start ``n`` more workers (scale out); returns their ranks. ``wait=False``: only
+        launch them; :meth:`wait_started` waits for them."""
         if n < 0:
             raise ValueError(f"{self.role}: cannot add {n} workers")
+        if self._starting is not None:
+            raise RuntimeError(f"{self.role}: workers are still starting; wait_started() first")
         start = len(self.workers)
         ranks = list(range(start, start + n))
         new: list = []
@@ -222,20 +230,40 @@ class WorkerGroup:
             for i in range(n):
                 index = start + i if self._pg is not None and start + i < self._pg.bundle_count else None
                 new.append(self._remote_cls.options(**self._options(index)).remote(*self.args, **self.kwargs))
-            infos = self._gather([w.node_info.remote() for w in new], ranks, "start", self.start_timeout_s)
-        except BaseException:  # a failed start leaves no half-started workers or placement behind
-            for handle in new:
-                ray.kill(handle, no_restart=True)
-            if start == 0 and self._pg is not None:
-                remove_placement_group(self._pg)
-                self._pg = None
+            self._starting = (ranks, new, [w.node_info.remote() for w in new])
+        except BaseException:
+            self._abandon(new, start)
+            raise
+        if wait:
+            self.wait_started()
+        return ranks
+
+    def wait_started(self) -> None:
+        """Wait until the workers launched by :meth:`add` have run their constructors (and,
+        for a distributed group, joined its rendezvous). A failed start leaves no
+        half-started workers or placement behind."""
+        if self._starting is None:
+            return
+        ranks, new, refs = self._starting
+        self._starting = None
+        start = len(self.workers)
+        try:
+            infos = self._gather(refs, ranks, "start", self.start_timeout_s)
+        except BaseException:
+            self._abandon(new, start)
             raise
         self.workers.extend(new)
         self.infos.extend(infos)
         self.nodes.extend(_describe(info) for info in infos)
         if self.distributed:
             self._rendezvous(infos[0] if start == 0 else None)
-        return ranks
+
+    def _abandon(self, handles: list, start: int) -> None:
+        for handle in handles:
+            ray.kill(handle, no_restart=True)
+        if start == 0 and self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
 
     def _rendezvous(self, master: dict | None) -> None:
         if master is None:
@@ -362,6 +390,10 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Shut every worker down cleanly, then kill it and free the placement group."""
+        if self._starting is not None:  # launched, never waited for
+            for handle in self._starting[1]:
+                ray.kill(handle, no_restart=True)
+            self._starting = None
         self._stop(list(range(len(self.workers))))
         self.workers, self.nodes, self.infos = [], [], []
         self.dead.clear()

@@ -135,3 +135,32 @@ def test_rs_resumes_at_the_next_round_with_its_outputs(tiny_run, tmp_path):
     assert [r["step"] for r in logged if "rs/kept" in r] == [1, 2]
     assert resumed["metrics"]["sync/version"]["final"] == 2
     assert resumed["metrics"]["eval/score"]["first"] == first["metrics"]["eval/score"]["first"]
+
+
+def test_roles_started_together_are_waited_for_at_the_block_end(ray_local, tmp_path):
+    """Inside ``roles.together()`` a role's method launches its workers and returns; the
+    block's end waits for every group, in order. A role that fails to start raises its own
+    error there, and every group the block launched is stopped with the run."""
+    cfg = build_config(PrefsConfig, None, [f"run_dir={tmp_path / 'ok'}", "logging.wandb_mode=disabled",
+                                           "logging.progress_bar=false"])
+    with Run(cfg, "prefs", resumable=None) as run:
+        with run.roles.together():
+            first = run.roles.reward(RewardConfig(function="arithmetic"))
+            second = run.roles.reward(RewardConfig(function="arithmetic", num_replicas=2))
+            assert len(first) == 0 and len(second) == 0  # launched, not yet waited for
+        assert len(first) == 1 and len(second) == 2
+        assert [p["rank"] for p in run.roles.placements["reward"]] == [0, 0, 1]
+        assert all(ray.get(a.health.remote(), timeout=60) for a in first.workers + second.workers)
+
+    cfg = build_config(PrefsConfig, None, [f"run_dir={tmp_path / 'bad'}", "logging.wandb_mode=disabled",
+                                           "logging.progress_bar=false"])
+    with pytest.raises(Exception, match="no_such_function") as info:
+        with Run(cfg, "prefs", resumable=None) as run:
+            with run.roles.together():
+                good = run.roles.reward(RewardConfig(function="arithmetic", num_replicas=2))
+                run.roles.reward(RewardConfig(function="reward_fns:no_such_function"))
+                launched = list(good._starting[1])
+    assert "reward" in str(info.value)
+    assert run.roles.groups == []
+    for actor in launched:  # the healthy group, launched beside the broken one, is stopped too
+        assert _dies_within(actor, seconds=60), "a worker the block launched outlived the run"
