@@ -86,12 +86,13 @@ def _versions() -> dict[str, str]:
 
 
 def _start(roles: Roles, model: str, dtype: str) -> tuple:
-    """One worker of every role, reserving no CPUs (they take turns)."""
-    rollout = roles.rollouts(model, RolloutConfig(max_model_len=256, cpus_per_worker=0.0), dtype, seed=0)
-    reward = roles.reward(RewardConfig(model=TINY_RM, function="arithmetic"))
-    reference = roles.reference(model, dtype)
-    learner = roles.learners(model, LearnerConfig(micro_batch_size=8, cpus_per_worker=0.0),
-                             OptimConfig(lr=1e-3), dtype, optimizer_steps=None, seed=0)
+    """One worker of every role, reserving no CPUs (they take turns), started side by side."""
+    with roles.together():
+        rollout = roles.rollouts(model, RolloutConfig(max_model_len=256, cpus_per_worker=0.0), dtype, seed=0)
+        reward = roles.reward(RewardConfig(model=TINY_RM, function="arithmetic"))
+        reference = roles.reference(model, dtype)
+        learner = roles.learners(model, LearnerConfig(micro_batch_size=8, cpus_per_worker=0.0),
+                                 OptimConfig(lr=1e-3), dtype, optimizer_steps=None, seed=0)
     return rollout, reward, reference, learner
 
 
