@@ -320,17 +320,23 @@ class WorkerGroup:
 
     # ------------------------------------------------------------------ calls
 
+    def _started(self, method: str) -> list:
+        if self._starting is not None:
+            raise RuntimeError(f"{self.role}.{method}: its workers are still starting "
+                               "(use a group started inside roles.together() after the block)")
+        return self.workers
+
     def submit(self, rank: int, method: str, *args, **kwargs) -> ray.ObjectRef:
-        return getattr(self.workers[rank], method).remote(*args, **kwargs)
+        return getattr(self._started(method)[rank], method).remote(*args, **kwargs)
 
     def call(self, method: str, *args, **kwargs) -> list:
         """Call ``method`` with the same arguments on every worker; one result per rank."""
-        refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+        refs = [getattr(w, method).remote(*args, **kwargs) for w in self._started(method)]
         return self._gather(refs, list(range(len(refs))), method)
 
     def call_each(self, method: str, args_per_worker: Sequence[Sequence]) -> list:
         """Call ``method`` on worker i with ``args_per_worker[i]``."""
-        if len(args_per_worker) != len(self.workers):
+        if len(args_per_worker) != len(self._started(method)):
             raise ValueError(f"{self.role}.{method}: {len(args_per_worker)} argument sets for "
                              f"{len(self.workers)} workers")
         refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, args_per_worker)]

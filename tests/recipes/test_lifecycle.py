@@ -148,6 +148,8 @@ def test_roles_started_together_are_waited_for_at_the_block_end(ray_local, tmp_p
             first = run.roles.reward(RewardConfig(function="arithmetic"))
             second = run.roles.reward(RewardConfig(function="arithmetic", num_replicas=2))
             assert len(first) == 0 and len(second) == 0  # launched, not yet waited for
+            with pytest.raises(RuntimeError, match="reward.health: its workers are still starting"):
+                first.call("health")
         assert len(first) == 1 and len(second) == 2
         assert [p["rank"] for p in run.roles.placements["reward"]] == [0, 0, 1]
         assert all(ray.get(a.health.remote(), timeout=60) for a in first.workers + second.workers)
@@ -164,3 +166,16 @@ def test_roles_started_together_are_waited_for_at_the_block_end(ray_local, tmp_p
     assert run.roles.groups == []
     for actor in launched:  # the healthy group, launched beside the broken one, is stopped too
         assert _dies_within(actor, seconds=60), "a worker the block launched outlived the run"
+
+    # an error inside the block: the workers launched and never waited for are killed too
+    cfg = build_config(PrefsConfig, None, [f"run_dir={tmp_path / 'raised'}", "logging.wandb_mode=disabled",
+                                           "logging.progress_bar=false"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with Run(cfg, "prefs", resumable=None) as run:
+            with run.roles.together():
+                pending = run.roles.reward(RewardConfig(function="arithmetic", num_replicas=2))
+                launched = list(pending._starting[1])
+                raise RuntimeError("boom")
+    assert run.roles.groups == [] and pending._starting is None
+    for actor in launched:
+        assert _dies_within(actor, seconds=60), "a launched worker outlived the run"
