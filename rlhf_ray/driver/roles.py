@@ -170,8 +170,8 @@ class Roles:
                 self.on_connect()
         if self.ray.address == "local":
             r = options.get("resources") or WorkerResources()
-            held = {"CPU": sum(g.resources.num_cpus * len(g) for g in self.groups),
-                    "GPU": sum(g.resources.num_gpus * len(g) for g in self.groups)}
+            held = {"CPU": sum(g.resources.num_cpus * g.reserved for g in self.groups),
+                    "GPU": sum(g.resources.num_gpus * g.reserved for g in self.groups)}
             check_resources(role, num_workers, {"CPU": r.num_cpus, "GPU": r.num_gpus}, held,
                             keys or {})
         group = WorkerGroup(actor_cls, role, num_workers, timeout_s=self.ray.call_timeout_s,

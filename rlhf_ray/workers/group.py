@@ -312,6 +312,11 @@ class WorkerGroup:
         self.dead.discard(rank)
         return info
 
+    @property
+    def reserved(self) -> int:
+        """Workers holding their resources: the started ones and those still starting."""
+        return len(self.workers) + (len(self._starting[1]) if self._starting is not None else 0)
+
     def pid(self, rank: int) -> int:
         return self.infos[rank]["pid"]
 

@@ -167,6 +167,20 @@ def test_roles_started_together_are_waited_for_at_the_block_end(ray_local, tmp_p
     for actor in launched:  # the healthy group, launched beside the broken one, is stopped too
         assert _dies_within(actor, seconds=60), "a worker the block launched outlived the run"
 
+    # the local Ray's CPUs count the groups still starting: a group that cannot fit beside
+    # them is refused at once, not left waiting for its start timeout
+    from rlhf_ray.runtime import ClusterError
+
+    cfg = build_config(PrefsConfig, None, [f"run_dir={tmp_path / 'full'}", "logging.wandb_mode=disabled",
+                                           "logging.progress_bar=false"])
+    total = ray.cluster_resources()["CPU"]
+    with pytest.raises(ClusterError, match=f"{total - 1:g} of them already held by this run's other workers"):
+        with Run(cfg, "prefs", resumable=None) as run:
+            with run.roles.together():
+                run.roles.reward(RewardConfig(function="arithmetic", cpus_per_replica=total - 1))
+                run.roles.reward(RewardConfig(function="arithmetic", cpus_per_replica=2))
+    assert run.roles.groups == []
+
     # an error inside the block: the workers launched and never waited for are killed too
     cfg = build_config(PrefsConfig, None, [f"run_dir={tmp_path / 'raised'}", "logging.wandb_mode=disabled",
                                            "logging.progress_bar=false"])
