@@ -104,8 +104,11 @@ class Roles:
                             resources=WorkerResources(rollout.cpus_per_worker, rollout.gpus_per_worker,
                                                       custom=dict(rollout.resources),
                                                       placement=rollout.placement),
-                            then=lambda g: self.resolved.__setitem__("rollout_engine", g.call("health")[0]["engine"]))
+                            then=self._record_engine)
         return group
+
+    def _record_engine(self, rollouts: WorkerGroup) -> None:
+        self.resolved["rollout_engine"] = rollouts.call("health")[0]["engine"]  # for summary.json
 
     def reward(self, reward: RewardConfig) -> WorkerGroup:
         """``reward.num_replicas`` RewardServers (a reward model, a function, a remote

@@ -192,8 +192,8 @@ class WorkerGroup:
         self.dead: set[int] = set()  # ranks whose process died and were not replaced
         self._pg = None
         self._remote_cls = ray.remote(actor_cls)
-        # workers launched and not yet waited for: (ranks, handles, their node_info refs)
-        self._starting: tuple[list[int], list, list] | None = None
+        # workers launched and not yet waited for: (handles, their node_info refs)
+        self._starting: tuple[list, list] | None = None
         self.add(num_workers, wait=wait)
 
     # ------------------------------------------------------------------ membership
@@ -230,7 +230,7 @@ class WorkerGroup:
             for i in range(n):
                 index = start + i if self._pg is not None and start + i < self._pg.bundle_count else None
                 new.append(self._remote_cls.options(**self._options(index)).remote(*self.args, **self.kwargs))
-            self._starting = (ranks, new, [w.node_info.remote() for w in new])
+            self._starting = (new, [w.node_info.remote() for w in new])
         except BaseException:
             self._abandon(new, start)
             raise
@@ -244,11 +244,11 @@ class WorkerGroup:
         half-started workers or placement behind."""
         if self._starting is None:
             return
-        ranks, new, refs = self._starting
+        new, refs = self._starting
         self._starting = None
         start = len(self.workers)
         try:
-            infos = self._gather(refs, ranks, "start", self.start_timeout_s)
+            infos = self._gather(refs, list(range(start, start + len(new))), "start", self.start_timeout_s)
         except BaseException:
             self._abandon(new, start)
             raise
@@ -259,6 +259,7 @@ class WorkerGroup:
             self._rendezvous(infos[0] if start == 0 else None)
 
     def _abandon(self, handles: list, start: int) -> None:
+        """Kill workers that never finished starting; the placement group too if they were the first."""
         for handle in handles:
             ray.kill(handle, no_restart=True)
         if start == 0 and self._pg is not None:
@@ -315,7 +316,7 @@ class WorkerGroup:
     @property
     def reserved(self) -> int:
         """Workers holding their resources: the started ones and those still starting."""
-        return len(self.workers) + (len(self._starting[1]) if self._starting is not None else 0)
+        return len(self.workers) + (len(self._starting[0]) if self._starting is not None else 0)
 
     def pid(self, rank: int) -> int:
         return self.infos[rank]["pid"]
@@ -402,8 +403,7 @@ class WorkerGroup:
     def shutdown(self) -> None:
         """Shut every worker down cleanly, then kill it and free the placement group."""
         if self._starting is not None:  # launched, never waited for
-            for handle in self._starting[1]:
-                ray.kill(handle, no_restart=True)
+            self._abandon(self._starting[0], len(self.workers))
             self._starting = None
         self._stop(list(range(len(self.workers))))
         self.workers, self.nodes, self.infos = [], [], []

@@ -161,7 +161,7 @@ def test_roles_started_together_are_waited_for_at_the_block_end(ray_local, tmp_p
             with run.roles.together():
                 good = run.roles.reward(RewardConfig(function="arithmetic", num_replicas=2))
                 run.roles.reward(RewardConfig(function="reward_fns:no_such_function"))
-                launched = list(good._starting[1])
+                launched = list(good._starting[0])
     assert "reward" in str(info.value)
     assert run.roles.groups == []
     for actor in launched:  # the healthy group, launched beside the broken one, is stopped too
@@ -188,7 +188,7 @@ def test_roles_started_together_are_waited_for_at_the_block_end(ray_local, tmp_p
         with Run(cfg, "prefs", resumable=None) as run:
             with run.roles.together():
                 pending = run.roles.reward(RewardConfig(function="arithmetic", num_replicas=2))
-                launched = list(pending._starting[1])
+                launched = list(pending._starting[0])
                 raise RuntimeError("boom")
     assert run.roles.groups == [] and pending._starting is None
     for actor in launched:
