@@ -40,7 +40,10 @@ class RunLogger:
         write_atomic(self.metrics_file, "")
         self.wandb = None
         if cfg.wandb_mode != "disabled":
-            import wandb
+            from rlhf_ray.files import temp_files_in_scratch
+
+            with temp_files_in_scratch():  # W&B's media and artifact folders, made at import
+                import wandb
 
             if cfg.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
                 raise ValueError("logging.wandb_mode=online needs WANDB_API_KEY; "

@@ -4,8 +4,9 @@
   asset folder).
 - ``ray_local`` starts one private Ray per test session (``address="local"``, bounded
   object store) and shuts it down at the end.
-- Every test session ends by checking that no Ray processes and no vLLM / DeepSpeed
-  ``/dev/shm`` files are left behind, and removes DeepSpeed's allreduce buffers.
+- Every test session ends by checking that no Ray processes, no vLLM / DeepSpeed
+  ``/dev/shm`` files and no vLLM / W&B temp files are left behind, and removes DeepSpeed's
+  allreduce buffers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,26 @@ SHM_PATTERNS = ("/dev/shm/psm_*", "/dev/shm/deepspeed_allreduce_buffer_*", "/dev
 
 def _shm_files() -> set[str]:
     return {f for pattern in SHM_PATTERNS for f in glob.glob(pattern)}
+
+
+def loose_temp_files() -> set[str]:
+    """What vLLM and W&B leave in the system temp folder when their process dies, and the
+    scratch folders (``rlhf_ray.files``) of processes that no longer run: a vLLM engine's
+    rendezvous files and sockets (UUID names), W&B's media and artifact folders."""
+    import re
+    import tempfile
+
+    from rlhf_ray.files import SCRATCH_PREFIX, _scratch_owner
+
+    root = tempfile.gettempdir()
+    uuid = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+    found = set()
+    for name in os.listdir(root):
+        if (name.startswith("vllm_dist_") or name.endswith(("wandb-media", "wandb-artifacts"))
+                or uuid.match(name)
+                or (name.startswith(SCRATCH_PREFIX) and _scratch_owner(name) != os.getpid())):
+            found.add(os.path.join(root, name))
+    return found
 
 
 def pytest_collection_modifyitems(config, items):
@@ -107,7 +128,7 @@ def _own_ray_processes() -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers():
     """Fail the session if it leaves Ray processes or vLLM/DeepSpeed shm files behind."""
-    before = _shm_files()
+    before, temp_before = _shm_files(), loose_temp_files()
     yield
     for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         if f not in before:
@@ -122,6 +143,12 @@ def no_leftovers():
     problems = []
     if leaked:
         problems.append(f"/dev/shm files left behind: {sorted(leaked)}")
+    from rlhf_ray.files import sweep_scratch
+
+    sweep_scratch()  # as the next run's start would: the folders of workers Ray has killed
+    temp_leaked = loose_temp_files() - temp_before
+    if temp_leaked:
+        problems.append(f"temp files left behind: {sorted(temp_leaked)}")
     if ray_procs:
         problems.append(f"Ray processes still running: {ray_procs}")
     if problems:

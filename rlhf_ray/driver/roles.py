@@ -28,6 +28,7 @@ from rlhf_ray.config import (
     RewardConfig,
     RolloutConfig,
 )
+from rlhf_ray.files import sweep_scratch
 from rlhf_ray.runtime import check_resources, ray_session
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
@@ -69,6 +70,7 @@ class Roles:
         finally:
             self._session.close()
             self._connected = False
+            sweep_scratch()  # the scratch folders of this node's workers that were killed
 
     @contextlib.contextmanager
     def together(self):

@@ -87,8 +87,16 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
         kwargs["worker_extension_cls"] = worker_extension
     if bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read as the engine processes start
+    # vLLM's rendezvous file and sockets go to this process's scratch folder, which a killed
+    # worker does not leave in /tmp for good; the compile cache stays where it was
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from rlhf_ray.files import temp_files_in_scratch
+
+    cache_dir()  # pins TORCHINDUCTOR_CACHE_DIR before the temp folder moves
     try:
-        return LLM(**kwargs)
+        with temp_files_in_scratch():
+            return LLM(**kwargs)
     finally:
         if bind:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)

@@ -34,3 +34,37 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         files.write_atomic(path, "new: 2\n" * 1000)
     assert path.read_text() == "old: 1\n"
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_scratch_folders_of_exited_processes_are_swept_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True)
+    dead = tmp_path / f"{files.SCRATCH_PREFIX}{exited.stdout.strip()}_abc"
+    live = tmp_path / f"{files.SCRATCH_PREFIX}{os.getppid()}_def"
+    mine = tmp_path / f"{files.SCRATCH_PREFIX}{os.getpid()}_ghi"
+    other = tmp_path / "vllm_dist_0123"
+    for d in (dead, live, mine):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "f").write_text("x")
+    other.write_text("not a scratch folder")
+
+    assert files.sweep_scratch(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and mine.exists() and other.exists()
+
+
+def test_temp_files_made_in_the_block_land_in_this_process_scratch(monkeypatch):
+    import tempfile
+
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", "")  # put back as it was after the test
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH")
+    outside = tempfile.gettempdir()
+    with files.temp_files_in_scratch() as scratch:
+        assert os.path.basename(scratch).startswith(f"{files.SCRATCH_PREFIX}{os.getpid()}_")
+        with tempfile.NamedTemporaryFile() as f:
+            assert os.path.dirname(f.name) == scratch
+        assert os.environ["TMPDIR"] == scratch and os.environ["VLLM_RPC_BASE_PATH"] == scratch
+    assert tempfile.gettempdir() == outside and os.environ.get("TMPDIR") != scratch
+    assert files.scratch_dir() == scratch  # one per process
