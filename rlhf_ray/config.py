@@ -160,7 +160,7 @@ class RolloutConfig:
     tensor_parallel_size: int = option(1, "vLLM tensor-parallel size per worker: GPUs, or on a CPU engine processes that split the worker's cores between them.")
     max_model_len: int = option(1024, "vLLM context length (prompt plus response).")
     trim_memory: bool = option(False, "After each weight load, hand the memory the engine freed while loading back to the OS (glibc malloc_trim): a smaller resident size, paid for by faulting the pages in again at the next load (on a 2-core VM about 1 s of a GRPO step's sync).")
-    kv_cache_gib: float = option(1.0, "KV-cache size on CPU in GiB, fractions allowed (a VLLM_CPU_KVCACHE_SPACE in the environment overrides it).")
+    kv_cache_gib: float | None = option(None, "KV-cache size on CPU in GiB, fractions allowed (null: what max_num_seqs sequences of max_model_len tokens need, at most 1 GiB; a VLLM_CPU_KVCACHE_SPACE in the environment overrides it).")
     gpu_memory_utilization: float = option(0.5, "Fraction of GPU memory vLLM may take (GPU).")
     enforce_eager: bool | None = option(None, "vLLM eager mode, no CUDA graphs (null: true on CPU, false on GPU).")
     max_num_seqs: int | None = option(None, "Most sequences vLLM runs at once (null: vLLM's default).")
@@ -181,7 +181,7 @@ class RolloutConfig:
                         "gpus_per_worker", self.gpus_per_worker, self.resources)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"rollout.gpu_memory_utilization: expected 0 < x <= 1, got {self.gpu_memory_utilization}")
-        if not self.kv_cache_gib > 0:
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ConfigError(f"rollout.kv_cache_gib: expected a size in GiB > 0, got {self.kv_cache_gib}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError(f"rollout.max_num_seqs: expected at least 1 (or null), got {self.max_num_seqs}")

@@ -76,6 +76,23 @@ def test_serving_sizes_are_checked(override, needle):
         build_config(PPOConfig, None, ["reward.function=arithmetic", override])
 
 
+def test_the_kv_cache_left_null_is_sized_for_the_model_and_the_engine(tiny_llama, smollm2, tmp_path):
+    from rlhf_ray.workers.engine import kv_cache_gib_for
+
+    # tiny: 2 layers x 2 KV heads x 32 x (K, V) x fp32 = 1 KiB a token; 256 sequences of 256
+    assert kv_cache_gib_for(tiny_llama, "float32", 256) == 0.0625
+    assert kv_cache_gib_for(tiny_llama, "bfloat16", 256) == 0.03125
+    # a length is held in whole 128-token blocks; max_num_seqs and tensor parallelism count
+    assert kv_cache_gib_for(tiny_llama, "float32", 200, max_num_seqs=16) == 4 / 1024
+    assert kv_cache_gib_for(tiny_llama, "float32", 256, tensor_parallel_size=2) == 0.125
+    # SmolLM2: 30 x 3 x 64 x 2 x bf16 = 22.5 KiB a token, 16 x 256 tokens = 90 MiB; the
+    # default engine would need 5.6 GiB and gets the 1 GiB cap
+    assert kv_cache_gib_for(smollm2, "bfloat16", 256, max_num_seqs=16) == 90 / 1024
+    assert kv_cache_gib_for(smollm2, "bfloat16", 256) == 1.0
+    # a folder with no model config: the cap, and the engine's own load reports the folder
+    assert kv_cache_gib_for(str(tmp_path), "float32", 256) == 1.0
+
+
 def test_config_rejects_unknown_recipe_and_bad_yaml(tmp_path):
     assert cli("config", "sfft").returncode != 0
     bad = tmp_path / "bad.yaml"

