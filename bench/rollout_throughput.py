@@ -70,13 +70,14 @@ def timed(run, repeats: int) -> dict:
 
 def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv_gib: float,
                compile: bool = False, repeats: int = 1, stop_at_eos: bool = False,
-               completions: list | None = None) -> dict:
+               completions: list | None = None, decode_attention: bool = True) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     from rlhf_ray.workers.engine import make_llm, shutdown_llm
 
     start = time.perf_counter()
-    llm = make_llm(model, dtype=dtype, max_model_len=512, kv_cache_gib=kv_gib, enforce_eager=not compile)
+    llm = make_llm(model, dtype=dtype, max_model_len=512, kv_cache_gib=kv_gib, enforce_eager=not compile,
+                   decode_attention=decode_attention)
     start_s = time.perf_counter() - start
     try:
         cache = llm.llm_engine.vllm_config.cache_config
@@ -100,6 +101,7 @@ def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv
         shutdown_llm(llm)
     return {**result, "kv_cache_gib": kv_gib,
             "kv_blocks": blocks, "kv_blocks_needed": blocks_needed, "compiled": compile,
+            "decode_attention": llm.rlhf_ray_decode_attention,
             "engine_start_s": start_s}
 
 
@@ -153,6 +155,8 @@ def main() -> int:
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="each sequence stops at its EOS (up to --max-new-tokens), as rollouts do: "
                          "tokens/s counts the tokens up to EOS on both sides")
+    ap.add_argument("--vllm-attention", action="store_true",
+                    help="vLLM's own CPU decode attention instead of rlhf-ray's kernel (rollout.decode_attention=false)")
     ap.add_argument("--skip-hf", action="store_true", help="vLLM only (tuning runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout_throughput.json"))
     args = ap.parse_args()
@@ -174,7 +178,7 @@ def main() -> int:
         "cpus": os.cpu_count(), "machine": platform.machine(),
         "vllm": bench_vllm(model, ids, args.max_new_tokens, args.dtype,
                            args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype), args.compile,
-                           args.repeats, args.stop_at_eos, vllm_outs),
+                           args.repeats, args.stop_at_eos, vllm_outs, not args.vllm_attention),
     }
     if args.skip_hf:
         print(f"vLLM: {result['vllm']['tokens_per_s']:.1f} tokens/s ({result['vllm']})")

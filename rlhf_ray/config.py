@@ -165,6 +165,7 @@ class RolloutConfig:
     enforce_eager: bool | None = option(None, "vLLM eager mode, no CUDA graphs (null: true on CPU, false on GPU).")
     max_num_seqs: int | None = option(None, "Most sequences vLLM runs at once (null: vLLM's default).")
     enable_prefix_caching: bool = option(False, "vLLM prefix caching (shares the KV cache of the prompt among a group's n samples).")
+    decode_attention: bool = option(True, "CPU: decode batches' attention runs rlhf-ray's kernel (prefetches the next sequence's KV while it computes; about 2x vLLM's on a cold cache) where it builds (a C compiler, AVX-512F) and agrees with vLLM's kernel; false, or any other case: vLLM's. summary.json's rollout_engine.decode_attention says which ran.")
     cpus_per_worker: float = option(0.5, "Ray CPUs reserved per rollout worker.")
     gpus_per_worker: float = option(0.0, "Ray GPUs reserved per rollout worker.")
     placement: Literal["none", "pack", "spread"] = option("none", "Placement group for the rollout workers: pack or spread.")

