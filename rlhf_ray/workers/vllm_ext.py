@@ -17,6 +17,12 @@ if os.environ.get(ENV_FLAG) == "1":  # an engine process of a worker that runs t
 
 
 class WeightLoaderExtension:
+    def decode_attention_calls(self) -> int:
+        """Layers whose decode attention this engine process's CPU kernel computed."""
+        from rlhf_ray.workers import decode_attention
+
+        return decode_attention.calls
+
     def load_weights_from_file(self, path: str) -> int:
         """Load a ``torch.save``-d ``{name: tensor}`` dict in place; returns the tensor count."""
         import torch

@@ -44,6 +44,7 @@ def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_pat
     assert Path(summary["outputs"]["plot"]).stat().st_size > 1000
     # rollout.kv_cache_gib null: the engine's cache is sized for the tiny model (64 MiB), not 1 GiB
     assert summary["rollout_engine"]["kv_cache_gib"] == 0.0625
+    assert summary["rollout_engine"]["decode_attention"] == "rlhf_ray"  # the project's CPU kernel ran
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])  # the exported policy loads

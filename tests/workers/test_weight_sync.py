@@ -200,6 +200,12 @@ def test_sync_into_a_tensor_parallel_engine(tp_roles, method):
     assert rollouts.call("health")[0]["engine"]["tensor_parallel_size"] == 2
     _train_once(learner, rollouts)
     stale, versions = _max_logprob_diff(learner, rollouts)
+    # both engine processes decode with the project's CPU attention kernel (the log-probs
+    # that match the learner's below come from it)
+    health = rollouts.call("health")[0]
+    assert health["engine"]["decode_attention"] == "rlhf_ray"
+    calls = health["decode_attention_calls"]
+    assert len(calls) == 2 and min(calls) > 0, calls
     assert stale > 1e-3, "training should have moved the learner away from the rollout weights"
     version = max(versions) + 1
     metrics = WeightSync(learner, rollouts, method=method).sync(version)
