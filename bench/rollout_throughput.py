@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/rollout_throughput.py                       # SmolLM2, CPU, fp32, 128 prompts x 128 tokens
     .venv/bin/python bench/rollout_throughput.py --prompts 256 --dtype bfloat16
+    .venv/bin/python bench/rollout_throughput.py --dtype bfloat16 --compile --compare-attention  # make bench
 
 Both engines answer the same Alpaca-templated arithmetic prompts with exactly
 ``--max-new-tokens`` tokens each (EOS ignored, greedy), so they do the same work.
@@ -13,7 +14,10 @@ this one process with the heap setting a rollout worker makes (freed memory kept
 :func:`rlhf_ray.workers.group.reuse_freed_memory`: vLLM +12-16 %, HF ``generate`` no change)
 and vLLM's KV cache holds the whole batch in whole blocks (no preemption). HF runs in
 left-padded batches of ``--hf-batch``; vLLM takes every prompt at once, as a rollout worker
-does. Each side gets one warm-up call first, then ``--repeats`` timed runs; the best of each
+does. The engine decodes with the project's CPU attention kernel
+(``rollout.decode_attention``, :mod:`rlhf_ray.workers.decode_attention`);
+``--compare-attention`` also times an engine on vLLM's own kernel in the same run, and
+``--vllm-attention`` times that one alone. Each side gets one warm-up call first, then ``--repeats`` timed runs; the best of each
 side is compared. Prints a table and writes JSON to ``--out``.
 """
 
@@ -157,6 +161,8 @@ def main() -> int:
                          "tokens/s counts the tokens up to EOS on both sides")
     ap.add_argument("--vllm-attention", action="store_true",
                     help="vLLM's own CPU decode attention instead of rlhf-ray's kernel (rollout.decode_attention=false)")
+    ap.add_argument("--compare-attention", action="store_true",
+                    help="also time an engine on vLLM's own decode attention, in the same run (the before figure)")
     ap.add_argument("--skip-hf", action="store_true", help="vLLM only (tuning runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout_throughput.json"))
     args = ap.parse_args()
@@ -180,12 +186,20 @@ def main() -> int:
                            args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype), args.compile,
                            args.repeats, args.stop_at_eos, vllm_outs, not args.vllm_attention),
     }
+    if args.compare_attention and not args.vllm_attention:
+        result["vllm_own_attention"] = bench_vllm(model, ids, args.max_new_tokens, args.dtype,
+                                                  result["vllm"]["kv_cache_gib"], args.compile, args.repeats,
+                                                  args.stop_at_eos, None, decode_attention=False)
+        result["decode_kernel_gain"] = result["vllm"]["tokens_per_s"] / result["vllm_own_attention"]["tokens_per_s"]
     if args.skip_hf:
         print(f"vLLM: {result['vllm']['tokens_per_s']:.1f} tokens/s ({result['vllm']})")
         return 0
     result["hf_generate"] = bench_hf(model, ids, args.max_new_tokens, args.dtype, args.hf_batch, args.repeats,
                                      args.stop_at_eos, hf_outs)
     result["speedup_vllm_over_hf"] = result["vllm"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
+    if "vllm_own_attention" in result:
+        result["speedup_vllm_own_attention_over_hf"] = (result["vllm_own_attention"]["tokens_per_s"]
+                                                        / result["hf_generate"]["tokens_per_s"])
     # greedy on both sides: the same completions up to numerics (bf16 drifts sooner)
     result["same_completions"] = sum(a == b for a, b in zip(vllm_outs, hf_outs)) / len(ids)
     if args.stop_at_eos:
@@ -193,10 +207,15 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'engine':<14}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}")
-    for name in ("vllm", "hf_generate"):
+    print(f"{'engine':<20}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}")
+    for name in ("vllm", "vllm_own_attention", "hf_generate"):
+        if name not in result:
+            continue
         r = result[name]
-        print(f"{name:<14}{r['tokens']:>8}{r['seconds']:>10.2f}{r['tokens_per_s']:>11.1f}  runs: {r['runs_tokens_per_s']}")
+        print(f"{name:<20}{r['tokens']:>8}{r['seconds']:>10.2f}{r['tokens_per_s']:>11.1f}  runs: {r['runs_tokens_per_s']}")
+    if "vllm_own_attention" in result:
+        print(f"vLLM on its own decode attention / HF generate: {result['speedup_vllm_own_attention_over_hf']:.2f}x; "
+              f"rlhf-ray's decode kernel / vLLM's: {result['decode_kernel_gain']:.2f}x")
     print(f"vLLM / HF generate: {result['speedup_vllm_over_hf']:.2f}x; identical completions: "
           f"{result['same_completions']:.0%}  -> {out}")
     return 0
