@@ -38,6 +38,20 @@ _lib: ctypes.CDLL | None = None
 _installed: str | None = None  # None: not tried; "" installed; else why not
 
 
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"}  # what CFLAGS compile for
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cache_dir() -> Path:
     """Where built kernels are kept: ``RLHF_RAY_KERNEL_CACHE``, else ``~/.cache/rlhf_ray/kernels``."""
     return Path(os.environ.get("RLHF_RAY_KERNEL_CACHE") or Path.home() / ".cache" / "rlhf_ray" / "kernels")
@@ -79,10 +93,9 @@ def library() -> ctypes.CDLL:
     machine cannot run it."""
     global _lib
     if _lib is None:
-        import torch
-
-        if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
-            raise RuntimeError(f"needs AVX-512F; torch reports {torch.backends.cpu.get_cpu_capability()}")
+        missing = sorted(CPU_FLAGS - cpu_flags())
+        if missing:
+            raise RuntimeError(f"this CPU lacks {', '.join(missing)} (the kernel is built for AVX-512)")
         lib = ctypes.CDLL(str(build()))
         f = lib.rlhf_decode_attention
         i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
