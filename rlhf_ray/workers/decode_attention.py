@@ -85,6 +85,9 @@ def build() -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    for stale in out.parent.glob("decode_attention-*.so"):  # builds of earlier sources or compilers
+        if stale != out:
+            stale.unlink(missing_ok=True)  # a process that has one loaded keeps its mapping
     return out
 
 
