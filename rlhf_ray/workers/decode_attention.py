@@ -156,43 +156,60 @@ def decode_attention(query, kv_cache, block_table, seq_lens, scale: float, outpu
     calls += 1
 
 
-def check_against_vllm(dtype=None, head_size: int = 64, heads: int = 9, kv_heads: int = 3,
-                       seq_lens: tuple[int, ...] = (1, 31, 32, 100, 128, 129, 300)) -> float:
-    """Largest difference between this kernel's output and vLLM's CPU kernel's on one random
-    cache that vLLM's own ``cpu_attn_reshape_and_cache`` wrote (so the layout is vLLM's)."""
+def paged_cache(dtype, head_size: int, heads: int, kv_heads: int, seq_lens, seed: int = 0, fill: float = 0.0):
+    """A random paged cache written by vLLM's own ``cpu_attn_reshape_and_cache`` (so the
+    layout is vLLM's), blocks in shuffled order and ``fill`` in every slot no sequence holds.
+    Returns ``(kv_cache, key_cache, value_cache, block_table, key, value, query)``: the cache,
+    vLLM's K and V views of it, the int32 block table, the K and V written (tokens of every
+    sequence in order) and one query token per sequence."""
     import torch
     from vllm import _custom_ops as ops
 
-    dtype = dtype or torch.bfloat16
     block_size = 128
-    gen = torch.Generator().manual_seed(0)
-    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 3
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(per_seq) + 2
     order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    block_table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    block_table = torch.zeros(len(seq_lens), max(per_seq) + 1, dtype=torch.int32)  # a spare column
     slots, used = [], 0
-    for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
+    for i, (n, nb) in enumerate(zip(seq_lens, per_seq)):
         block_table[i, :nb] = order[used: used + nb]
         used += nb
         slots += [int(block_table[i, t // block_size]) * block_size + t % block_size for t in range(n)]
-    kv_cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * head_size, dtype=dtype)
+    kv_cache = torch.full((num_blocks, kv_heads, block_size, 2 * head_size), fill, dtype=dtype)
     key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, head_size).chunk(2, dim=2)
-    tokens = len(slots)
-    key = torch.randn(tokens, kv_heads, head_size, generator=gen).to(dtype)
-    value = torch.randn(tokens, kv_heads, head_size, generator=gen).to(dtype)
-    isa = "vec" if head_size % 32 == 0 else "vec16"
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.tensor(slots, dtype=torch.int64), isa)
+    key = (torch.randn(len(slots), kv_heads, head_size, generator=gen) * 2).to(dtype)
+    value = torch.randn(len(slots), kv_heads, head_size, generator=gen).to(dtype)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.tensor(slots, dtype=torch.int64), "vec")
     query = torch.randn(len(seq_lens), heads, head_size, generator=gen).to(dtype)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    starts = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
-    scale = head_size ** -0.5
-    theirs = torch.empty_like(query)
-    meta = ops.cpu_attn_get_scheduler_metadata(len(seq_lens), heads, kv_heads, head_size, lens, dtype, starts,
-                                               True, -1, isa, False)
-    ops.cpu_attention_with_kv_cache(query, key_cache, value_cache, theirs, starts, lens, scale, True, None, -1,
+    return kv_cache, key_cache, value_cache, block_table, key, value, query
+
+
+def vllm_decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale: float):
+    """vLLM's own CPU decode attention on the same inputs (one query token per sequence)."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    num_seqs, heads, head_size = query.shape
+    starts = torch.arange(num_seqs + 1, dtype=torch.int32)
+    meta = ops.cpu_attn_get_scheduler_metadata(num_seqs, heads, key_cache.shape[1], head_size, seq_lens,
+                                               query.dtype, starts, True, -1, "vec", False)
+    output = torch.empty_like(query)
+    ops.cpu_attention_with_kv_cache(query, key_cache, value_cache, output, starts, seq_lens, scale, True, None, -1,
                                     block_table, 0.0, meta, None)
+    return output
+
+
+def check_against_vllm(dtype, seq_lens: tuple[int, ...] = (1, 31, 32, 100, 128, 129, 300)) -> float:
+    """Largest difference between this kernel's output and vLLM's CPU kernel's on one
+    :func:`paged_cache` (SmolLM2's attention shape: 9 query heads on 3 KV heads of 64)."""
+    import torch
+
+    kv_cache, key_cache, value_cache, block_table, _, _, query = paged_cache(dtype, 64, 9, 3, seq_lens)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    theirs = vllm_decode_attention(query, key_cache, value_cache, block_table, lens, 64 ** -0.5)
     ours = torch.empty_like(query)
-    decode_attention(query, kv_cache, block_table, lens, scale, ours)
+    decode_attention(query, kv_cache, block_table, lens, 64 ** -0.5, ours)
     return float((ours.float() - theirs.float()).abs().max())
 
 
@@ -242,15 +259,23 @@ def _patch() -> None:
         return
     vllm_forward = CPUAttentionBackendImpl.forward
 
+    def layer_takes(impl, layer) -> bool:
+        """The layer's settings the kernel takes; fixed for the layer, so worked out at its first call
+        (once vLLM's metadata builder has set the layer's ``isa``)."""
+        ok = getattr(impl, "_rlhf_ray_decode_ok", None)
+        if ok is None:
+            ok = impl._rlhf_ray_decode_ok = (
+                impl.attn_type == AttentionType.DECODER and impl.alibi_slopes is None
+                and impl.sliding_window == -1 and not impl.logits_soft_cap and impl.sinks is None
+                and impl.kv_cache_dtype == "auto" and getattr(layer, "isa", None) == "vec")
+        return ok
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         m = attn_metadata
         if (active and m is not None and m.max_query_len == 1 and m.num_actual_tokens == m.seq_lens.shape[0]
                 and m.dynamic_causal is None and m.encoder_cache is None and output_scale is None
-                and output_block_scale is None and self.attn_type == AttentionType.DECODER
-                and self.alibi_slopes is None and self.sliding_window == -1 and not self.logits_soft_cap
-                and self.sinks is None and self.kv_cache_dtype == "auto"
-                and getattr(layer, "isa", None) == "vec" and takes(query, kv_cache)):
+                and output_block_scale is None and layer_takes(self, layer) and takes(query, kv_cache)):
             n = m.num_actual_tokens
             decode_attention(query[:n], kv_cache, m.block_table, m.seq_lens, self.scale, output[:n])
             return output

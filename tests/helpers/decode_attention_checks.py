@@ -11,37 +11,8 @@ import json
 import sys
 
 
-def paged_case(dtype, head_size: int, heads: int, kv_heads: int, seq_lens: list[int], seed: int,
-               fill: float):
-    """A cache written by vLLM's own ``cpu_attn_reshape_and_cache``, with blocks in shuffled
-    order and ``fill`` in every slot no sequence holds, and the K, V and queries it was
-    written from."""
-    import torch
-    from vllm import _custom_ops as ops
-
-    block_size = 128
-    gen = torch.Generator().manual_seed(seed)
-    per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(per_seq) + 2
-    order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    block_table = torch.zeros(len(seq_lens), max(per_seq) + 1, dtype=torch.int32)  # a spare column
-    slots, used = [], 0
-    for i, (n, nb) in enumerate(zip(seq_lens, per_seq)):
-        block_table[i, :nb] = order[used: used + nb]
-        used += nb
-        slots += [int(block_table[i, t // block_size]) * block_size + t % block_size for t in range(n)]
-    kv_cache = torch.full((num_blocks, kv_heads, block_size, 2 * head_size), fill, dtype=dtype)
-    key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, head_size).chunk(2, dim=2)
-    key = (torch.randn(len(slots), kv_heads, head_size, generator=gen) * 2).to(dtype)
-    value = torch.randn(len(slots), kv_heads, head_size, generator=gen).to(dtype)
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.tensor(slots, dtype=torch.int64), "vec")
-    query = torch.randn(len(seq_lens), heads, head_size, generator=gen).to(dtype)
-    return kv_cache, key_cache, value_cache, block_table, key, value, query
-
-
 def kernel() -> dict:
     import torch
-    from vllm import _custom_ops as ops
 
     from rlhf_ray.workers import decode_attention as da
 
@@ -50,19 +21,14 @@ def kernel() -> dict:
     for dtype in (torch.bfloat16, torch.float32):
         for head_size, heads, kv_heads in ((64, 9, 3), (32, 2, 2), (128, 8, 1), (64, 16, 2), (32, 4, 4)):
             # unheld slots: a large finite value, which would dominate any softmax it leaked into
-            kv_cache, key_cache, value_cache, block_table, key, value, query = paged_case(
+            kv_cache, key_cache, value_cache, block_table, key, value, query = da.paged_cache(
                 dtype, head_size, heads, kv_heads, seq_lens, seed=len(cases), fill=30.0)
             lens = torch.tensor(seq_lens, dtype=torch.int32)
             scale = head_size ** -0.5
             ours = torch.full((len(seq_lens), heads * head_size), float("nan"), dtype=dtype)  # 2-D, as vLLM's
             da.decode_attention(query, kv_cache, block_table, lens, scale, ours)
             ours = ours.view(len(seq_lens), heads, head_size)
-            starts = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
-            meta = ops.cpu_attn_get_scheduler_metadata(len(seq_lens), heads, kv_heads, head_size, lens, dtype,
-                                                       starts, True, -1, "vec", False)
-            theirs = torch.empty_like(query)
-            ops.cpu_attention_with_kv_cache(query, key_cache, value_cache, theirs, starts, lens, scale, True, None,
-                                            -1, block_table, 0.0, meta, None)
+            theirs = da.vllm_decode_attention(query, key_cache, value_cache, block_table, lens, scale)
             # fp64 from the K and V the cache was written from (not read back from it)
             reference = torch.empty(ours.shape, dtype=torch.float64)
             group, at = heads // kv_heads, 0
@@ -73,7 +39,7 @@ def kernel() -> dict:
                     p = torch.softmax(k[:, h // group] @ query[i, h].double() * scale, 0)
                     reference[i, h] = p @ v[:, h // group]
             # and NaN there (vLLM's kernel would return NaN; the kernel never reads past a sequence)
-            nan_cache = paged_case(dtype, head_size, heads, kv_heads, seq_lens, seed=len(cases), fill=float("nan"))[0]
+            nan_cache = da.paged_cache(dtype, head_size, heads, kv_heads, seq_lens, seed=len(cases), fill=float("nan"))[0]
             ours_nan = torch.empty_like(query)
             da.decode_attention(query, nan_cache, block_table, lens, scale, ours_nan)
             cases.append({"dtype": str(dtype), "head_size": head_size, "heads": heads, "kv_heads": kv_heads,
