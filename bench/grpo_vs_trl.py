@@ -27,7 +27,11 @@ rlhf-ray variants (each a subprocess with its own local Ray, run one after anoth
 - ``staleness1``: ``threads`` with ``max_staleness=1`` (generation overlaps training, so the
   learner keeps its reserved CPU: ``learner.threads`` defaults to ``cpus_per_worker``);
 - ``fused``: ``chunk8`` with pi_old taken from the update's own forward (``pi_old=auto``,
-  the default: one optimizer step per batch, KL in the loss), no separate pass;
+  the default: one optimizer step per batch, KL in the loss), no separate pass; the
+  learner and the reference compute each prompt once for its n samples
+  (``learner.shared_prompt``, ``reference.shared_prompt``, the defaults);
+- ``unshared``: ``fused`` with one row per sample in the learner and the reference (each
+  prompt computed n times, as before the shared-prompt rows);
 - ``autocast``: ``fused`` with the learner under bf16 autocast (fp32 weights and optimizer);
 - ``bf16``: ``autocast`` plus the reference and the vLLM rollouts in bf16 (the rollout
   correction covers the rollout/learner mismatch, logged as ``rollout/mismatch_*``).
@@ -62,6 +66,7 @@ VARIANTS = {
     "chunk8": ["chunk_size=8", "pi_old=recompute"],
     "staleness1": ["chunk_size=4", "max_staleness=1"],
     "fused": ["chunk_size=8"],
+    "unshared": ["chunk_size=8", "learner.shared_prompt=false", "reference.shared_prompt=false"],
     "autocast": ["chunk_size=8", "learner.autocast=bfloat16"],
     "bf16": ["chunk_size=8", "learner.autocast=bfloat16", "reference.dtype=bfloat16", "rollout.dtype=bfloat16"],
 }

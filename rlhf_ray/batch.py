@@ -136,6 +136,46 @@ class SequenceBatch:
         """Consecutive parts of at most ``size`` rows (micro-batches)."""
         return [self.rows(slice(i, i + size)) for i in range(0, len(self), size)]
 
+    def shared_prompt_split(self, size: int, pad_id: int) -> list[SharedPromptBatch] | None:
+        """Micro-batches of at most ``size`` rows in which rows that start with the same
+        prompt (the tokens before their first target) are computed as one
+        :class:`SharedPromptRows` row: the prompt once, then each response. A group larger
+        than ``size`` is cut into parts; parts of similar length go together. None where
+        nothing would be shared (no two rows with one prompt), a row has no target, or the
+        rows are packed: then :meth:`split` is the way."""
+        if self.document_ids is not None:
+            return None
+        groups: dict[tuple[int, ...], list[int]] = {}
+        spans = []  # (prompt length, row length) per row
+        for i in range(len(self)):
+            length = int(self.attention_mask[i].sum())
+            targets = self.loss_mask[i, :length].nonzero()
+            if not len(targets) or int(targets[0]) < 1:
+                return None
+            p = int(targets[0])
+            spans.append((p, length))
+            groups.setdefault(tuple(self.input_ids[i, :p].tolist()), []).append(i)
+        if all(len(rows) == 1 for rows in groups.values()):
+            return None
+        parts = [rows[k: k + size] for rows in groups.values() for k in range(0, len(rows), size)]
+        tokens = [spans[rows[0]][0] + sum(spans[i][1] - spans[i][0] for i in rows) for rows in parts]
+        parts = [parts[k] for k in sorted(range(len(parts)), key=tokens.__getitem__)]
+        micro: list[list[list[int]]] = [[]]
+        for rows in parts:
+            if micro[-1] and sum(map(len, micro[-1])) + len(rows) > size:
+                micro.append([])
+            micro[-1].append(rows)
+        out = []
+        for mb in micro:
+            index = torch.tensor([i for rows in mb for i in rows], dtype=torch.long)
+            position = {i: r for r, i in enumerate(index.tolist())}
+            layout = SharedPromptRows.pack(
+                [(self.input_ids[rows[0], :spans[rows[0]][0]],
+                  [(position[i], self.input_ids[i, spans[i][0]: spans[i][1]],
+                    self.loss_mask[i, spans[i][0]: spans[i][1]]) for i in rows]) for rows in mb], pad_id)
+            out.append(SharedPromptBatch(self.select(index).rows(slice(None)), layout, index))
+        return out
+
     def shards(self: B, n: int) -> list[B]:
         """``n`` contiguous, near-equal parts at full width, one per learner rank (each
         needs a row)."""
@@ -231,125 +271,210 @@ class PreferenceBatch:
                              cat(a.loss_mask, b.loss_mask, 0.0))
 
     def shared_prompt(self, pad_id: int) -> SharedPromptRows | None:
-        """The pairs as :class:`SharedPromptRows` (each prompt once), or None where a pair's
-        two rows do not start with the same prompt (the tokens before the first target), a
-        row has no target, or the rows are packed: then :meth:`stacked` is the way."""
+        """The pairs as :class:`SharedPromptRows` (each prompt once, then the chosen response,
+        then the rejected one; responses 0..B-1 chosen, B..2B-1 rejected), or None where a
+        pair's two rows do not start with the same prompt (the tokens before the first
+        target), a row has no target, or the rows are packed: then :meth:`stacked` is the way."""
         a, b = self.chosen, self.rejected
         if a.document_ids is not None or b.document_ids is not None:
             return None
-        spans = []  # (prompt length, chosen row length, rejected row length) per pair
-        for i in range(len(self)):
+        n = len(self)
+        rows = []
+        for i in range(n):
             la, lb = int(a.attention_mask[i].sum()), int(b.attention_mask[i].sum())
             ta, tb = a.loss_mask[i, :la].nonzero(), b.loss_mask[i, :lb].nonzero()
             if not len(ta) or not len(tb):
                 return None
             p = int(ta[0])
-            if int(tb[0]) != p or not torch.equal(a.input_ids[i, :p], b.input_ids[i, :p]):
+            if p < 1 or int(tb[0]) != p or not torch.equal(a.input_ids[i, :p], b.input_ids[i, :p]):
                 return None
-            spans.append((p, la, lb))
-        n = len(self)
-        width = max(la + lb - p for p, la, lb in spans)
-        longest = max(max(la, lb) - p for p, la, lb in spans)
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        position_ids = torch.zeros((n, width), dtype=torch.long)
-        segments = torch.zeros((n, width), dtype=torch.long)
-        predictors = torch.zeros((2 * n, longest), dtype=torch.long)
-        targets = torch.full((2 * n, longest), pad_id, dtype=torch.long)
-        loss_mask = torch.zeros((2 * n, longest), dtype=torch.float32)
-        for i, (p, la, lb) in enumerate(spans):
-            ca, cb = la - p, lb - p  # response lengths
-            input_ids[i, :la] = a.input_ids[i, :la]
-            input_ids[i, la: la + cb] = b.input_ids[i, p:lb]
-            position_ids[i, :la] = torch.arange(la)
-            position_ids[i, la: la + cb] = torch.arange(p, lb)
-            segments[i, :p], segments[i, p:la], segments[i, la: la + cb] = 1, 2, 3
-            # chosen token j sits at column p + j, predicted by column p + j - 1; rejected
-            # token j at la + j, predicted by la + j - 1, except its first: by the prompt's last
-            predictors[i] = predictors[n + i] = p - 1  # padding entries point at a real column
-            predictors[i, :ca] = torch.arange(p - 1, la - 1)
-            predictors[n + i, 1:cb] = torch.arange(la, la + cb - 1)
-            targets[i, :ca], loss_mask[i, :ca] = a.input_ids[i, p:la], a.loss_mask[i, p:la]
-            targets[n + i, :cb], loss_mask[n + i, :cb] = b.input_ids[i, p:lb], b.loss_mask[i, p:lb]
-        return SharedPromptRows(input_ids, position_ids, segments, predictors, targets, loss_mask)
+            rows.append((a.input_ids[i, :p], [(i, a.input_ids[i, p:la], a.loss_mask[i, p:la]),
+                                              (n + i, b.input_ids[i, p:lb], b.loss_mask[i, p:lb])]))
+        return SharedPromptRows.pack(rows, pad_id)
 
 
 @dataclass
 class SharedPromptRows:
-    """B preference pairs as B rows: the pair's prompt once, then its chosen response, then
-    its rejected one. Each response attends to the prompt and to itself only, at the
-    positions it has in its own sequence, so one forward gives both responses' log-probs
-    while computing the prompt once instead of twice.
+    """Responses that continue the same prompt, laid out as rows: a prompt once, then each
+    of its responses. Each response attends to the prompt and to itself only, at the
+    positions it has in its own sequence (prompt then response), so one forward gives every
+    response's log-probs while computing the prompt once instead of once per response.
+    Preference pairs (:meth:`PreferenceBatch.shared_prompt`) and the samples of a prompt
+    group (:meth:`SequenceBatch.shared_prompt_split`) both use it.
 
-    input_ids, position_ids, segments: (B, W); segments 0 padding, 1 prompt, 2 chosen, 3 rejected.
-    predictors, targets, loss_mask: (2B, A), chosen rows then rejected rows as in
-        :meth:`PreferenceBatch.stacked`: the column of the row whose logits predict each
-        response token, the token, and 1 where it counts (the rows' ``loss_mask``).
+    input_ids, position_ids, segments: (N, W); segments 0 padding, 1 prompt, 2, 3, ... the
+        row's responses in order.
+    response_rows, response_segments, response_lengths: (R,) the row, the segment and the
+        token count of each response r.
+    predictors, targets, loss_mask: (R, A): for token j of response r, the column of its row
+        whose logits predict it, the token, and 1 where it counts (the loss mask the response
+        came with); beyond the response's length: the prompt's last column, padding and 0.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     segments: torch.Tensor
+    response_rows: torch.Tensor
+    response_segments: torch.Tensor
+    response_lengths: torch.Tensor
     predictors: torch.Tensor
     targets: torch.Tensor
     loss_mask: torch.Tensor
 
+    @classmethod
+    def pack(cls, rows: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]],
+             pad_id: int) -> SharedPromptRows:
+        """``rows``: one per row, ``(prompt ids (P,), responses)``, each response
+        ``(r, ids (A_r,), loss mask (A_r,))`` with ``r`` its index among all R responses
+        (0..R-1, each once, in any order). Every prompt needs a token (P >= 1)."""
+        n_responses = sum(len(responses) for _, responses in rows)
+        width = max(len(p) + sum(len(ids) for _, ids, _ in responses) for p, responses in rows)
+        longest = max([len(ids) for _, responses in rows for _, ids, _ in responses] + [1])
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        segments = torch.zeros((len(rows), width), dtype=torch.long)
+        response_rows, response_segments, response_lengths = (
+            torch.full((n_responses,), -1, dtype=torch.long) for _ in range(3))
+        predictors = torch.zeros((n_responses, longest), dtype=torch.long)
+        targets = torch.full((n_responses, longest), pad_id, dtype=torch.long)
+        loss_mask = torch.zeros((n_responses, longest), dtype=torch.float32)
+        for i, (prompt, responses) in enumerate(rows):
+            p = len(prompt)
+            if p < 1:
+                raise ValueError(f"SharedPromptRows.pack: row {i} has an empty prompt")
+            input_ids[i, :p], position_ids[i, :p], segments[i, :p] = torch.as_tensor(prompt), torch.arange(p), 1
+            column = p
+            for k, (r, ids, mask) in enumerate(responses):
+                a = len(ids)
+                if response_rows[r] != -1:
+                    raise ValueError(f"SharedPromptRows.pack: response index {r} given twice")
+                span = slice(column, column + a)
+                input_ids[i, span], position_ids[i, span], segments[i, span] = \
+                    torch.as_tensor(ids), torch.arange(p, p + a), 2 + k
+                response_rows[r], response_segments[r], response_lengths[r] = i, 2 + k, a
+                # token j sits at column + j and is predicted by column + j - 1, except its
+                # first: by the prompt's last column. Padding entries point at a real column.
+                predictors[r] = p - 1
+                predictors[r, 1:a] = torch.arange(column, column + a - 1)
+                targets[r, :a], loss_mask[r, :a] = torch.as_tensor(ids), torch.as_tensor(mask, dtype=torch.float32)
+                column += a
+        if (response_rows == -1).any():
+            raise ValueError(f"SharedPromptRows.pack: response indices must be 0..{n_responses - 1}")
+        return cls(input_ids, position_ids, segments, response_rows, response_segments, response_lengths,
+                   predictors, targets, loss_mask)
+
     def to(self, device: torch.device | str) -> SharedPromptRows:
         return SharedPromptRows(*(t.to(device) for t in dataclasses.astuple(self)))
+
+    def __len__(self) -> int:
+        """R, the responses."""
+        return self.response_rows.shape[0]
 
     def first_predictor(self) -> int:
         """The first column whose logits any response needs (``logits_to_keep`` from it)."""
         return int(self.predictors.min())
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, W, W) additive mask: query i sees key j <= i of the prompt or of its own
+        """(N, 1, W, W) additive mask: query i sees key j <= i of the prompt or of its own
         segment; padding sees only itself (no empty softmax row)."""
         from rlhf_ray.data import block_causal_mask
 
         return block_causal_mask(self.segments, dtype, shared=1)
 
-    def logps(self, model, mask_dtype: torch.dtype) -> torch.Tensor:
-        """(2B,) fp32 summed log-probs of each response under ``model`` (a causal LM, or a
-        DeepSpeed engine around one), from one forward over the rows with logits only from
+    def logits(self, model, mask_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """``(logits, start)``: ``model``'s (a causal LM, or a DeepSpeed engine around one)
+        (N, W - start, V) output on the rows, with logits only from ``start =``
         :meth:`first_predictor` on; grad and autocast as the caller sets them."""
         start = self.first_predictor()
         logits = model(input_ids=self.input_ids, position_ids=self.position_ids,
                        attention_mask=self.attention_mask(mask_dtype), use_cache=False,
                        logits_to_keep=self.input_ids.shape[1] - start).logits
-        return self.sequence_logps(logits, start)
+        return logits, start
+
+    def logps(self, model, mask_dtype: torch.dtype) -> torch.Tensor:
+        """(R,) fp32 summed log-probs of each response's counted tokens under ``model``,
+        from one forward (:meth:`logits`)."""
+        return self.sequence_logps(*self.logits(model, mask_dtype))
 
     def sequence_logps(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """(2B,) fp32 summed log-probs of each response's counted tokens, chosen then
-        rejected; logits: (B, W - start, V), the model's output on the rows from column
-        ``start`` on. Only the counted tokens' columns are read, one row at a time
-        (:func:`rlhf_ray.losses.picked_logprobs`): no gathered (2B, A, V) copy."""
+        """(R,) fp32 summed log-probs of each response's counted tokens; logits: (N, W -
+        start, V), the model's output on the rows from column ``start`` on. Only the counted
+        tokens' columns are read, one row at a time (:func:`rlhf_ray.losses.picked_logprobs`):
+        no gathered (R, A, V) copy."""
         from rlhf_ray.losses import picked_logprobs
 
-        n = self.input_ids.shape[0]
         response, slot = self.loss_mask.nonzero(as_tuple=True)  # the counted tokens
-        logps = picked_logprobs(logits, response % n, self.predictors[response, slot] - start,
+        logps = picked_logprobs(logits, self.response_rows[response], self.predictors[response, slot] - start,
                                 self.targets[response, slot])
         weights = self.loss_mask[response, slot].to(logps.dtype)
-        return logps.new_zeros(2 * n).index_add_(0, response, logps * weights).float()
+        return logps.new_zeros(len(self)).index_add_(0, response, logps * weights).float()
+
+    def token_logprobs(self, logits: torch.Tensor, start: int = 0, with_entropy: bool = False):
+        """(R, A) fp32 log-prob of every token of each response (0 beyond its length), and
+        with ``with_entropy`` the (R, A) entropy of the distribution that predicts it (no
+        gradient); logits as in :meth:`sequence_logps`."""
+        from rlhf_ray.losses import picked_logprobs
+
+        slots = torch.arange(self.targets.shape[1], device=self.targets.device)
+        response, slot = (slots < self.response_lengths[:, None]).nonzero(as_tuple=True)
+        logprobs, entropy = picked_logprobs(logits, self.response_rows[response],
+                                            self.predictors[response, slot] - start,
+                                            self.targets[response, slot], with_entropy=True)
+        shape = self.targets.shape
+        out = logprobs.new_zeros(shape).index_put((response, slot), logprobs)
+        if not with_entropy:
+            return out
+        return out, entropy.new_zeros(shape).index_put((response, slot), entropy)
 
     def last_columns(self) -> torch.Tensor:
-        """(2B,) the column of each response's last token, chosen then rejected: where a
-        reward model's scalar head scores it, as it scores the end of a two-row sequence."""
-        width = self.segments.shape[1]
-        columns = torch.arange(width, device=self.segments.device)
-        chosen = torch.where(self.segments == 2, columns, -1).amax(-1)
-        rejected = torch.where(self.segments == 3, columns, -1).amax(-1)
-        return torch.cat([chosen, rejected])
+        """(R,) the column of each response's last token: where a reward model's scalar head
+        scores it, as it scores the end of a sequence of its own."""
+        columns = torch.arange(self.segments.shape[1], device=self.segments.device)
+        own = self.segments[self.response_rows] == self.response_segments[:, None]  # (R, W)
+        return torch.where(own, columns, -1).amax(-1)
 
     def scores(self, model, mask_dtype: torch.dtype) -> torch.Tensor:
-        """(2B,) fp32 scalar-head outputs of a reward model (a sequence classifier, or a
-        DeepSpeed engine around one) at each response's last token, chosen then rejected,
-        from one forward over the rows; grad and autocast as the caller sets them."""
+        """(R,) fp32 scalar-head outputs of a reward model (a sequence classifier, or a
+        DeepSpeed engine around one) at each response's last token, from one forward over
+        the rows; grad and autocast as the caller sets them."""
         from rlhf_ray.models import token_scores
 
         per_token = token_scores(model, self.input_ids, self.attention_mask(mask_dtype),
-                                 self.position_ids)  # (B, W)
-        n = self.input_ids.shape[0]
-        return per_token[torch.arange(2 * n, device=per_token.device) % n, self.last_columns()]
+                                 self.position_ids)  # (N, W)
+        return per_token[self.response_rows, self.last_columns()]
+
+
+@dataclass
+class SharedPromptBatch:
+    """Rows of a :class:`SequenceBatch` (or :class:`ExperienceBatch`) that share prompts,
+    with the :class:`SharedPromptRows` that computes each prompt once for them: response r
+    of ``layout`` is row r of ``rows``. ``index`` (B,): each row's index in the batch it
+    was cut from."""
+
+    rows: SequenceBatch
+    layout: SharedPromptRows
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to(self, device: torch.device | str) -> SharedPromptBatch:
+        return SharedPromptBatch(self.rows.to(device), self.layout.to(device), self.index)
+
+    def token_logprobs(self, logits: torch.Tensor, start: int = 0, with_entropy: bool = False):
+        """(B, T-1) next-token aligned log-probs of ``rows`` from the layout's ``logits``
+        (:meth:`SharedPromptRows.token_logprobs`), at the columns the rows' response tokens
+        have (0 elsewhere); with ``with_entropy`` also the (B, T-1) entropy (no gradient)."""
+        per_response = self.layout.token_logprobs(logits, start, with_entropy=True)
+        # token j of row r's response is next-token column (prompt length - 1) + j; the
+        # layout's first predictor of each response is its prompt's last column, p - 1
+        b, width = self.rows.input_ids.shape
+        slots = torch.arange(self.layout.targets.shape[1], device=logits.device)
+        response, slot = (slots < self.layout.response_lengths[:, None]).nonzero(as_tuple=True)
+        columns = self.layout.predictors[response, 0] + slot
+        placed = [x.new_zeros(b, width - 1).index_put((response, columns), x[response, slot])
+                  for x in per_response]
+        return tuple(placed) if with_entropy else placed[0]
 
 
 def _shard_slices(n_rows: int, n: int) -> list[slice]:

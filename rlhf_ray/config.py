@@ -116,7 +116,7 @@ class LearnerConfig:
     micro_batch_size: int = option(4, "Sequences per forward/backward on each rank.")
     offload: bool = option(False, "Offload optimizer state to CPU (ZeRO >= 1).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
-    shared_prompt: bool = option(True, "DPO and reward-model training: run each pair's prompt once, its chosen and rejected responses each attending to it and to themselves only (one row, a segment mask), instead of the prompt twice; pairs whose rows do not share the prompt fall back to the two-row forward.")
+    shared_prompt: bool = option(True, "Run a prompt once for the responses that continue it, each response attending to the prompt and to itself only (one row, a segment mask): DPO and reward-model pairs (chosen and rejected), and a prompt's samples in PPO/GRPO updates and pi_old passes (not with a value model or an entropy bonus). Rows that share no prompt fall back to one row each.")
     reuse_memory: bool = option(True, "Keep the memory a step frees in the process for the next step (glibc mallopt: no per-block mmap, no automatic trim) instead of faulting fresh pages in each step (a DPO step of SmolLM2-135M on a 2-core VM: 8.4 -> 6.8 s). trim_memory still hands it back where set.")
     trim_memory: bool = option(False, "After each optimizer step and weight publish, hand the memory they freed back to the OS (glibc malloc_trim): a smaller resident size between steps, for nodes where other roles need it, paid for by faulting the pages in again next step (on a 2-core VM: 18 -> 34 s of training per GRPO bench step).")
     cpus_per_worker: float = option(1.0, "Ray CPUs reserved per learner.")
@@ -272,6 +272,7 @@ class ReferenceConfig:
     gpus_per_replica: float = option(0.0, "Ray GPUs per ReferenceServer; a fraction shares a GPU with another role. >0 runs it on the GPU.")
     resources: dict[str, float] = option({}, "Custom Ray resources per ReferenceServer.")
     micro_batch_size: int = option(8, "Episodes per reference forward pass.")
+    shared_prompt: bool = option(True, "Compute a prompt once for the episodes that share it (a prompt's n samples): one row, the prompt then each response, each attending to the prompt and to itself only. Same log-probs, fewer tokens.")
     threads: int | None = option(None, "Torch CPU threads per ReferenceServer (CPU only). null: cpus_per_replica when at least 1, else the cores of its node (its forwards run while the rollouts wait for them).")
 
     def validate(self) -> None:

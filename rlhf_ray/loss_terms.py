@@ -108,13 +108,27 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor | None, mb: ExperienceB
     entropy, value mean); num_rows: the global row count, the denominator of ``kl/mean``.
     Returns ``[policy_loss]`` or ``[policy_loss, value_loss]`` (0-d each) and the stats.
     """
+    if settings.temperature != 1.0:
+        logits = logits / settings.temperature
+    logprobs, entropy = token_logprobs(logits, mb.input_ids, with_entropy=True)  # (B, T-1) each
+    return ppo_terms_from_logprobs(logprobs, entropy, values, mb, settings, num_tokens, num_seqs,
+                                   real_tokens, num_rows, logits=logits)
+
+
+def ppo_terms_from_logprobs(logprobs: torch.Tensor, entropy: torch.Tensor, values: torch.Tensor | None,
+                            mb: ExperienceBatch, settings: PPOLossSettings, num_tokens: float,
+                            num_seqs: float, real_tokens: float, num_rows: float | None = None,
+                            logits: torch.Tensor | None = None) -> Terms:
+    """:func:`ppo_terms` from the policy's (B, T-1) log-probs of ``mb``'s tokens (with
+    gradient) and their entropy, at the sampling temperature (as
+    :meth:`rlhf_ray.batch.SharedPromptBatch.token_logprobs` gives them). ``logits`` (the
+    tempered (B, T, V) ones) are needed only for an entropy bonus (``settings.entropy_coef``)."""
+    if settings.entropy_coef and logits is None:
+        raise ValueError("ppo_terms_from_logprobs: an entropy bonus (entropy_coef > 0) needs the logits")
     agg = {"aggregation": settings.aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs,
            "norm_len": settings.norm_len}
     mask = mb.response_mask
     share = mask.sum() / real_tokens  # weight of this micro-batch's token means
-    if settings.temperature != 1.0:
-        logits = logits / settings.temperature
-    logprobs, entropy = token_logprobs(logits, mb.input_ids, with_entropy=True)  # (B, T-1) each
     advantages, stats = mb.advantages, {}
     if mb.old_logprobs is None:  # pi_old is this very forward's policy: ratio 1
         old = logprobs.detach()

@@ -223,17 +223,24 @@ class _PickedLogprobs(torch.autograd.Function):
     buffer. The gradient of column z is ``sum_k g_k onehot(t_k) - (sum_k g_k) softmax(z)``."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor):
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor,
+                with_entropy: bool):
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lse = torch.empty(logits.shape[:2], dtype=acc, device=logits.device)  # (B, T)
+        entropy = torch.empty_like(lse) if with_entropy else lse.new_empty(0)
         for i in range(logits.shape[0]):
-            lse[i] = torch.logsumexp(logits[i].to(acc), dim=-1)
+            row = logits[i].to(acc)
+            lse[i] = torch.logsumexp(row, dim=-1)
+            if with_entropy:  # H = lse - sum(p * z)
+                entropy[i] = lse[i] - (row - lse[i].unsqueeze(-1)).exp_().mul_(row).sum(dim=-1)
         logprobs = logits[rows, cols, targets].to(acc) - lse[rows, cols]
         ctx.save_for_backward(logits, rows, cols, targets, lse)
-        return logprobs
+        entropy = entropy[rows, cols] if with_entropy else entropy
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad_logprobs: torch.Tensor):
+    def backward(ctx, grad_logprobs: torch.Tensor, _grad_entropy):
         logits, rows, cols, targets, lse = ctx.saved_tensors
         g = grad_logprobs.to(lse.dtype)
         per_column = torch.zeros_like(lse).index_put_((rows, cols), g, accumulate=True)  # (B, T)
@@ -245,21 +252,25 @@ class _PickedLogprobs(torch.autograd.Function):
             if row.data_ptr() != grad[i].data_ptr():
                 grad[i].copy_(row)
         grad.index_put_((rows, cols, targets), g.to(grad.dtype), accumulate=True)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def picked_logprobs(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                    targets: torch.Tensor) -> torch.Tensor:
+                    targets: torch.Tensor, with_entropy: bool = False):
     """(N,) fp32 (fp64 for fp64 logits) log-probability of ``targets[k]`` under the
     distribution at column ``cols[k]`` of row ``rows[k]``; logits (B, T, V), the index
     tensors (N,). For layouts where a token's predicting column is not simply the one before
     it (:class:`rlhf_ray.batch.SharedPromptRows`). Memory as :func:`token_logprobs`: one
-    row's fp32 upcast at a time forward, one (B, T, V) gradient backward."""
+    row's fp32 upcast at a time forward, one (B, T, V) gradient backward.
+
+    ``with_entropy``: also return the (N,) entropy in nats of each picked distribution (no
+    gradient), from the same pass: ``(logprobs, entropy)``."""
     if logits.dim() != 3 or not rows.shape == cols.shape == targets.shape or rows.dim() != 1:
         raise ValueError(f"expected logits (B, T, V) and rows, cols, targets (N,), got "
                          f"{tuple(logits.shape)}, {tuple(rows.shape)}, {tuple(cols.shape)}, "
                          f"{tuple(targets.shape)}")
-    return _PickedLogprobs.apply(logits, rows, cols, targets)
+    logprobs, entropy = _PickedLogprobs.apply(logits, rows, cols, targets, with_entropy)
+    return (logprobs, entropy) if with_entropy else logprobs
 
 
 def sequence_logprobs(

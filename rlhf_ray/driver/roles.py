@@ -130,7 +130,8 @@ class Roles:
         return self._start(ReferenceServer, "reference", reference.num_replicas,
                            args=(model, reference.dtype or dtype, reference.micro_batch_size),
                            kwargs=dict(autocast=autocast, threads=reference.threads,
-                                       reserved_cpus=reference.cpus_per_replica),
+                                       reserved_cpus=reference.cpus_per_replica,
+                                       shared_prompt=reference.shared_prompt),
                            keys={"CPU": "reference.cpus_per_replica", "GPU": "reference.gpus_per_replica"},
                            resources=WorkerResources(reference.cpus_per_replica, reference.gpus_per_replica,
                                                      custom=dict(reference.resources)))

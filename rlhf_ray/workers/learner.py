@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from rlhf_ray import loss_terms
 from rlhf_ray.assets import resolve_model
-from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch
+from rlhf_ray.batch import ExperienceBatch, PreferenceBatch, SequenceBatch, SharedPromptBatch
 from rlhf_ray.config import LearnerConfig, OptimConfig
 from rlhf_ray.data.collate import block_causal_mask
 from rlhf_ray.losses import token_logprobs
@@ -223,7 +223,17 @@ class LearnerWorker(WeightSender, Worker):
         # kl/mean of a batch without old log-probs is a mean over every rank's rows
         n_rows = self._all_reduce([float(len(batch))])[0] if batch.old_logprobs is None else None
 
-        def loss_fn(mb: ExperienceBatch):
+        def loss_fn(mb: ExperienceBatch | SharedPromptBatch):
+            if isinstance(mb, SharedPromptBatch):  # each prompt computed once for its samples
+                with torch.set_grad_enabled(train_policy and torch.is_grad_enabled()), self._autocast():
+                    logits, start = mb.layout.logits(self.model, getattr(torch, self.dtype))
+                if settings.temperature != 1.0:
+                    logits = logits / settings.temperature
+                logprobs, entropy = mb.token_logprobs(logits, start, with_entropy=True)
+                losses, stats = loss_terms.ppo_terms_from_logprobs(logprobs, entropy, None, mb.rows, settings,
+                                                                   n_tok, n_seq, real_tok, n_rows)
+                stats["perf/tokens"] = (mb.layout.segments != 0).sum()  # the tokens computed
+                return losses, stats
             # logits only from the micro-batch's first response position on: the prompt
             # prefix every row shares needs no vocabulary projection, softmax or entropy
             start = mb.first_target_column()
@@ -237,7 +247,12 @@ class LearnerWorker(WeightSender, Worker):
             return (losses if train_policy else losses[1:]), stats
 
         engines = self._named_engines() if train_policy else [(self.value, "value")]
-        return self._train(TrainPlan(engines, self._split(batch), loss_fn))
+        # learner.shared_prompt: the samples of a prompt in one row (the prompt computed once);
+        # not with a value model or an entropy bonus, which read every row's own logits
+        shared = self.learner.shared_prompt and self.value is None and not settings.entropy_coef
+        micro = (batch.shared_prompt_split(self.learner.micro_batch_size, self.pad_id) if shared else None) \
+            or self._split(batch)
+        return self._train(TrainPlan(engines, micro, loss_fn))
 
     def dpo_step(self, batch: PreferenceBatch, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, num_pairs_global: int | None = None) -> dict:
@@ -376,8 +391,14 @@ class LearnerWorker(WeightSender, Worker):
 
     def forward_logprobs(self, batch: SequenceBatch, temperature: float = 1.0):
         """(B, T-1) fp32 next-token log-probs of ``softmax(logits / temperature)``, no grad
-        (0 beyond each micro-batch's width)."""
+        (0 beyond each micro-batch's width). With ``learner.shared_prompt``, rows that share
+        a prompt are computed with it once, and only their response tokens (from each row's
+        first target on) get log-probs: 0 at the prompt positions."""
         self._need("causal_lm", "forward_logprobs")
+        shared = batch.shared_prompt_split(self.learner.micro_batch_size, self.pad_id) \
+            if self.learner.shared_prompt else None
+        if shared is not None:
+            return self._infer_shared(shared, batch, temperature)
 
         return self._infer(self.model, batch, lambda mb: token_logprobs(
             self._forward(self.model, mb).logits / temperature, mb.input_ids), shift=1)
@@ -412,6 +433,22 @@ class LearnerWorker(WeightSender, Worker):
                     else:
                         out[rows, : res.shape[1]] = res
                     row += len(micro[i])
+        return out
+
+    def _infer_shared(self, micro: list[SharedPromptBatch], batch: SequenceBatch, temperature: float):
+        """:meth:`forward_logprobs` over micro-batches of shared-prompt rows."""
+        self.model.eval()
+        out = torch.zeros((len(batch), batch.input_ids.shape[1] - 1), dtype=torch.float32)
+        n = len(micro)
+        steps = self._steps(n, collective=self.learner.zero_stage == 3)  # ZeRO-3 gathers per forward
+        with torch.no_grad():
+            for i in range(steps):
+                mb = micro[min(i, n - 1)].to(self.device)
+                with self._autocast():
+                    logits, start = mb.layout.logits(self.model, getattr(torch, self.dtype))
+                res = mb.token_logprobs(logits / temperature if temperature != 1.0 else logits, start).cpu()
+                if i < n:
+                    out[mb.index, : res.shape[1]] = res
         return out
 
     def _forward(self, engine, mb: SequenceBatch, keep_from: int = 0):

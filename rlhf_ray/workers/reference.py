@@ -7,16 +7,33 @@ from rlhf_ray.workers.group import Worker, reuse_freed_memory, role_device, set_
 
 
 def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_size: int,
-                      temperature: float = 1.0) -> list[list[float]]:
+                      temperature: float = 1.0, shared_prompt: bool = True) -> list[list[float]]:
     """Log-probs (A_i,) of each episode's response tokens under ``softmax(logits /
-    temperature)`` of ``model``, fp32, no grad."""
+    temperature)`` of ``model``, fp32, no grad. ``shared_prompt``: episodes with the same
+    prompt (a prompt's n samples) are computed as one row, the prompt once
+    (:meth:`rlhf_ray.batch.SequenceBatch.shared_prompt_split`), ``micro_batch_size``
+    episodes a forward."""
     import torch
 
     from rlhf_ray.losses import token_logprobs
 
-    out: list[list[float]] = []
-    for start in range(0, len(episodes), micro_batch_size):
-        chunk = episodes[start: start + micro_batch_size]
+    out: list[list[float]] = [[] for _ in episodes]
+    batch = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in episodes], pad_id) \
+        if episodes else None
+    shared = batch.shared_prompt_split(micro_batch_size, pad_id) if shared_prompt and batch else None
+    if shared is not None:
+        for mb in shared:
+            mb = mb.to(model.device)
+            with torch.no_grad():
+                logits, start = mb.layout.logits(model, model.dtype)
+                logprobs = mb.token_logprobs(logits / temperature if temperature != 1.0 else logits,
+                                             start).cpu()
+            for row, i in enumerate(mb.index.tolist()):
+                first = len(episodes[i].prompt_ids) - 1
+                out[i] = logprobs[row, first: first + len(episodes[i].response_ids)].tolist()
+        return out
+    for begin in range(0, len(episodes), micro_batch_size):
+        chunk = episodes[begin: begin + micro_batch_size]
         batch = SequenceBatch.from_pairs([(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
         batch = batch.to(model.device)
         # logits only from the first position that predicts a response token (the shortest
@@ -30,7 +47,7 @@ def response_logprobs(model, episodes: list[Episode], pad_id: int, micro_batch_s
             logprobs = token_logprobs(logits.float() / temperature, batch.input_ids[:, start:]).cpu()
         for i, e in enumerate(chunk):
             first = len(e.prompt_ids) - 1 - start
-            out.append(logprobs[i, first: first + len(e.response_ids)].tolist())
+            out[begin + i] = logprobs[i, first: first + len(e.response_ids)].tolist()
     return out
 
 
@@ -41,11 +58,12 @@ class ReferenceServer(Worker):
 
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 8,
                  name: str = "reference", autocast: str = "none", threads: int | None = None,
-                 reserved_cpus: float = 0.0):
+                 reserved_cpus: float = 0.0, shared_prompt: bool = True):
         """``autocast``: ``"bfloat16"`` runs the forwards under bf16 autocast, as a learner
         with ``learner.autocast=bfloat16`` does, so that a policy equal to the reference
         gets the same log-probs (a zero KL, DPO's ln 2 at the start). ``threads`` and
-        ``reserved_cpus``: see :func:`rlhf_ray.workers.group.set_cpu_threads`."""
+        ``reserved_cpus``: see :func:`rlhf_ray.workers.group.set_cpu_threads`.
+        ``shared_prompt``: see :func:`response_logprobs`."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,7 +79,7 @@ class ReferenceServer(Worker):
             self.path, dtype=getattr(torch, dtype)).eval().to(self.device)
         self.model.requires_grad_(False)
         self.pad_id = AutoTokenizer.from_pretrained(self.path).pad_token_id
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.shared_prompt = micro_batch_size, shared_prompt
         if autocast not in ("none", "bfloat16"):
             raise ValueError(f"reference autocast: expected 'none' or 'bfloat16', got {autocast!r}")
         self.autocast = autocast
@@ -75,7 +93,8 @@ class ReferenceServer(Worker):
         """Per-token reference log-probs of each episode's response, in order, at the
         rollouts' sampling ``temperature`` (the KL compares like with like)."""
         with self._autocast():
-            return response_logprobs(self.model, episodes, self.pad_id, self.micro_batch_size, temperature)
+            return response_logprobs(self.model, episodes, self.pad_id, self.micro_batch_size, temperature,
+                                     self.shared_prompt)
 
     def sequence_logps(self, batch: SequenceBatch):
         """(B,) fp32 summed log-probs of each sequence's target tokens (``batch.loss_mask``),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.batch import PreferenceBatch
+from rlhf_ray.batch import PreferenceBatch, SequenceBatch
 from rlhf_ray.driver.batches import preference_batch
 from rlhf_ray.losses import sequence_logprobs
 
@@ -200,3 +200,136 @@ def test_reward_scores_read_each_response_at_its_own_last_token():
     assert rows.last_columns()[[0, 4]].tolist() == [11, 14]
     # pair 2: prompt 4, chosen 1, rejected 4 -> columns 4 and 8
     assert rows.last_columns()[[2, 6]].tolist() == [4, 8]
+
+
+# --------------------------------------------------------------------------- prompt groups
+# A prompt's n samples (GRPO, RLOO, best-of-n) as one row: the prompt once, then each sample.
+
+
+def groups(seed: int = 0, shuffle: bool = True) -> SequenceBatch:
+    """Three prompts with 4, 3 and 1 samples of different lengths (one a single token),
+    rows in shuffled order, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 200, (n,), generator=g).tolist()
+
+    pairs = []
+    for p, lengths in ((6, (5, 1, 7, 3)), (9, (2, 4, 4)), (4, (6,))):
+        prompt = ids(p)
+        pairs += [(prompt, ids(a)) for a in lengths]
+    order = torch.randperm(len(pairs), generator=g).tolist() if shuffle else range(len(pairs))
+    return SequenceBatch.from_pairs([pairs[i] for i in order], PAD)
+
+
+def test_split_puts_each_prompt_once_and_every_row_once():
+    batch = groups()
+    micro = batch.shared_prompt_split(4, PAD)
+    assert sum(len(mb) for mb in micro) == len(batch) == 8
+    assert sorted(torch.cat([mb.index for mb in micro]).tolist()) == list(range(8))
+    assert all(len(mb) <= 4 for mb in micro)
+    # three prompts, each computed once: 6 + 9 + 4 prompt tokens instead of 6*4 + 9*3 + 4
+    computed = sum(int((mb.layout.segments != 0).sum()) for mb in micro)
+    assert computed == int(batch.attention_mask.sum()) - 6 * 3 - 9 * 2
+    for mb in micro:  # rows are the batch's rows, response r of the layout is row r
+        torch.testing.assert_close(mb.rows.input_ids, batch.select(mb.index).rows(slice(None)).input_ids)
+    # a group larger than the micro-batch is cut into parts, each with the prompt
+    assert max(len(mb) for mb in batch.shared_prompt_split(2, PAD)) == 2
+
+
+def test_split_falls_back_where_nothing_is_shared():
+    batch = groups()
+    assert SequenceBatch.from_pairs([([5, 6], [7]), ([5, 8], [9])], PAD).shared_prompt_split(4, PAD) is None
+    no_target = groups()
+    no_target.loss_mask[3].zero_()
+    assert no_target.shared_prompt_split(4, PAD) is None
+    packed = groups()
+    packed.document_ids = packed.attention_mask.clone()
+    assert packed.shared_prompt_split(4, PAD) is None
+    assert batch.shared_prompt_split(4, PAD) is not None
+
+
+def plain_logprobs(model, batch: SequenceBatch, temperature: float = 1.0):
+    from rlhf_ray.losses import token_logprobs
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return token_logprobs(logits / temperature, batch.input_ids, with_entropy=True)
+
+
+def test_group_log_probs_entropy_and_gradients_equal_one_row_per_sample(model):
+    batch = groups(seed=2)
+    mask = batch.response_mask
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3)) * mask
+
+    model.zero_grad()
+    ref, ref_entropy = plain_logprobs(model, batch, 0.8)
+    (ref * weights).sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    got = torch.zeros_like(ref)
+    got_entropy = torch.zeros_like(ref)
+    for mb in batch.shared_prompt_split(3, PAD):
+        logits, start = mb.layout.logits(model, torch.float32)
+        logprobs, entropy = mb.token_logprobs(logits / 0.8, start, with_entropy=True)
+        width = logprobs.shape[1]
+        (logprobs * weights[mb.index, :width]).sum().backward()
+        got[mb.index, :width], got_entropy[mb.index, :width] = logprobs.detach(), entropy
+    got_grads = [p.grad.clone() for p in model.parameters()]
+
+    torch.testing.assert_close(got * mask, ref.detach() * mask, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got_entropy * mask, ref_entropy * mask, atol=1e-5, rtol=1e-6)
+    assert (got * (1 - mask)).abs().max() == 0  # prompt positions are not computed
+    for r, g in zip(ref_grads, got_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_samples_that_see_each_other_are_caught(model):
+    """The check can fail: with a plain causal mask over a group's row, a sample attends
+    to the samples before it, and its log-probs move."""
+    batch = groups(seed=2, shuffle=False)
+    mb = batch.shared_prompt_split(4, PAD)[-1]  # the four samples of the first prompt
+    rows = mb.layout
+    width = rows.input_ids.shape[1]
+    allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & (rows.segments != 0)[:, None, :]
+    allowed |= torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
+    with torch.no_grad():
+        logits = model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask,
+                       use_cache=False).logits
+        wrong = mb.token_logprobs(logits)
+        ref = plain_logprobs(model, mb.rows)[0]
+    response = mb.rows.response_mask
+    assert len(mb) == 4
+    assert masked_max(wrong - ref, response) > 1e-3
+    # the first sample in the row sees only the prompt either way
+    first = (rows.response_segments == 2).nonzero()[0].item()
+    assert masked_max(wrong[first] - ref[first], response[first]) < 1e-5
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x.abs() * mask).max())
+
+
+def test_the_reference_gives_group_samples_what_one_row_each_gives(tiny_llama):
+    """The reference's log-probs (``response_logprobs``) with each prompt computed once
+    equal those of one row per episode, at a sampling temperature, in micro-batches that
+    cut a group."""
+    from rlhf_ray.batch import Episode
+    from rlhf_ray.workers.reference import response_logprobs
+
+    batch = groups(seed=4)
+    episodes = []
+    for i in range(len(batch)):
+        p = int(batch.loss_mask[i].nonzero()[0])
+        length = int(batch.attention_mask[i].sum())
+        episodes.append(Episode(batch.input_ids[i, :p].tolist(), batch.input_ids[i, p:length].tolist(),
+                                "", "", [], "stop", 0))
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    shared = response_logprobs(reference, episodes, PAD, 3, temperature=0.7)
+    rows = response_logprobs(reference, episodes, PAD, 3, temperature=0.7, shared_prompt=False)
+    assert [len(x) for x in shared] == [len(e.response_ids) for e in episodes]
+    for a, b in zip(shared, rows):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-6)

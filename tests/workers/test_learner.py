@@ -513,6 +513,56 @@ def test_shared_prompt_steps_equal_two_row_steps_on_two_ranks(ray_local, tiny_rm
     assert max_diff(shared_w, rows_w) <= 1e-5
 
 
+def grpo_groups(prompts: int, n: int, seed: int) -> ExperienceBatch:
+    """``prompts`` groups of ``n`` samples (rows of a group share the prompt, as rollouts
+    give them), with advantages, rollout and reference log-probs: an on-policy GRPO batch
+    (no old log-probs: pi_old is the update's own forward)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        k = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        return torch.randint(100, 1000, (k,), generator=g).tolist()
+
+    pairs = []
+    for _ in range(prompts):
+        prompt = ids(4, 9)
+        pairs += [(prompt, ids(1, 8)) for _ in range(n)]
+    batch = SequenceBatch.from_pairs(pairs, PAD)
+    mask = batch.response_mask
+    noise = torch.randn(mask.shape, generator=g)
+    return ExperienceBatch(**batch.tensors(), rollout_logprobs=(-2.0 + 0.1 * noise) * mask,
+                           ref_logprobs=(-2.0 - 0.2 * noise) * mask,
+                           advantages=torch.randn(len(batch), 1, generator=g) * mask)
+
+
+def test_shared_prompt_grpo_step_equals_one_row_per_sample_on_two_ranks(ray_local, tiny_llama):
+    """``learner.shared_prompt`` on GRPO groups (a prompt's samples in one row, the prompt
+    computed once) is an exact rewrite: on two ZeRO-2 ranks, each with two micro-batches of
+    one group, the pi_old pass gives the same log-probs and one on-policy step with the KL
+    in the loss and the rollout correction gives the same metrics and weights as one row per
+    sample (in the "linear" optimizer regime, where the weights show the gradient itself)."""
+    batch = grpo_groups(4, 4, seed=5)
+    settings = PPOLossSettings(kl_coef=0.04, kl_estimator="k3", rollout_correction="tis",
+                               kl_metric_estimator="k1", temperature=0.9)
+    results = []
+    for shared in (True, False):
+        with learners(2, tiny_llama, zero_stage=2, micro_batch_size=4, shared_prompt=shared,
+                      optim=optim_config(**REGIMES["linear"])) as group:  # weights move by lr * grad
+            logprobs = torch.cat(group.call_each("forward_logprobs", [(s, 0.9) for s in batch.shards(2)]))
+            metrics = group.call_each("ppo_step", [(s, settings) for s in batch.shards(2)])[0]
+            results.append((logprobs, metrics, group.call("get_state_dict")[0]))
+    (shared_lp, shared_m, shared_w), (rows_lp, rows_m, rows_w) = results
+    mask = batch.response_mask
+    assert masked_max_diff(shared_lp, rows_lp, mask) <= 1e-5
+    assert float((shared_lp * (1 - mask)).abs().max()) == 0.0  # prompt positions: not computed
+    for key in ("policy/loss", "kl/ref", "kl/mean", "policy/entropy", "rollout/mismatch_kl",
+                "rollout/is_weight_mean"):
+        assert shared_m[key] == pytest.approx(rows_m[key], rel=1e-5, abs=1e-6), key
+    assert shared_m["policy/grad_norm"] == pytest.approx(rows_m["policy/grad_norm"], rel=1e-4)
+    assert shared_m["perf/tokens"] < rows_m["perf/tokens"]  # each prompt once, not four times
+    assert max_diff(shared_w, rows_w) <= 1e-5
+
+
 # --------------------------------------------------------------------------- failures
 
 
