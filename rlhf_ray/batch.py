@@ -55,6 +55,13 @@ class Episode:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
+# The widest row :meth:`SequenceBatch.shared_prompt_split` makes (prompt plus responses).
+# Attention over a row of W tokens costs about 4 * d_model * layers * W FLOPs a token, the
+# linear layers 2 * parameters: at 2048 tokens that is about half for SmolLM2-135M and a
+# tenth for a 7B model of 4096 x 32, so the prompt tokens saved are not spent on attention.
+SHARED_ROW_TOKENS = 2048
+
+
 @dataclass
 class SequenceBatch:
     """Right-padded token sequences with a mask over the tokens that count as targets.
@@ -136,13 +143,19 @@ class SequenceBatch:
         """Consecutive parts of at most ``size`` rows (micro-batches)."""
         return [self.rows(slice(i, i + size)) for i in range(0, len(self), size)]
 
-    def shared_prompt_split(self, size: int, pad_id: int) -> list[SharedPromptBatch] | None:
+    def shared_prompt_split(self, size: int, pad_id: int,
+                            max_width: int = SHARED_ROW_TOKENS) -> list[SharedPromptBatch] | None:
         """Micro-batches of at most ``size`` rows in which rows that start with the same
         prompt (the tokens before their first target) are computed as one
-        :class:`SharedPromptRows` row: the prompt once, then each response. A group larger
-        than ``size`` is cut into parts; parts of similar length go together. None where
-        nothing would be shared (no two rows with one prompt), a row has no target, or the
-        rows are packed: then :meth:`split` is the way."""
+        :class:`SharedPromptRows` row: the prompt once, then each response. A group is cut
+        into parts of at most ``size`` rows and ``max_width`` tokens (a part always takes
+        one row); parts of similar length go together. None where nothing would be shared
+        (no two rows with one prompt), a row has no target, or the rows are packed: then
+        :meth:`split` is the way.
+
+        ``max_width``: attention over a shared row costs its width squared, where separate
+        rows cost the sum of theirs; a cap keeps long responses (or many samples) from
+        trading the saved prompt tokens for quadratic attention and a (W, W) mask."""
         if self.document_ids is not None:
             return None
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -157,7 +170,17 @@ class SequenceBatch:
             groups.setdefault(tuple(self.input_ids[i, :p].tolist()), []).append(i)
         if all(len(rows) == 1 for rows in groups.values()):
             return None
-        parts = [rows[k: k + size] for rows in groups.values() for k in range(0, len(rows), size)]
+        parts: list[list[int]] = []
+        for rows in groups.values():
+            parts.append([])
+            width = spans[rows[0]][0]  # the prompt
+            for i in rows:
+                response = spans[i][1] - spans[i][0]
+                if parts[-1] and (len(parts[-1]) == size or width + response > max_width):
+                    parts.append([])
+                    width = spans[rows[0]][0]
+                parts[-1].append(i)
+                width += response
         tokens = [spans[rows[0]][0] + sum(spans[i][1] - spans[i][0] for i in rows) for rows in parts]
         parts = [parts[k] for k in sorted(range(len(parts)), key=tokens.__getitem__)]
         micro: list[list[list[int]]] = [[]]

@@ -333,3 +333,23 @@ def test_the_reference_gives_group_samples_what_one_row_each_gives(tiny_llama):
     assert [len(x) for x in shared] == [len(e.response_ids) for e in episodes]
     for a, b in zip(shared, rows):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-6)
+
+
+def test_a_width_cap_cuts_groups_and_keeps_the_log_probs(model):
+    """``max_width`` cuts a group into rows of at most that many tokens (a row always takes
+    one response, however long), each with the prompt; the log-probs stay those of one row
+    per sample."""
+    batch = groups(seed=6)
+    micro = batch.shared_prompt_split(4, PAD, max_width=14)
+    widths = [int((row != 0).sum()) for mb in micro for row in mb.layout.segments]
+    responses = [int((mb.layout.response_rows == r).sum()) for mb in micro for r in range(len(mb.layout.input_ids))]
+    assert all(w <= 14 or n == 1 for w, n in zip(widths, responses))
+    assert max(responses) > 1  # some rows still share their prompt
+    assert len(widths) > 3  # more rows than the three prompts
+    mask = batch.response_mask
+    with torch.no_grad():
+        ref = plain_logprobs(model, batch)[0]
+        for mb in micro:
+            got = mb.token_logprobs(*mb.layout.logits(model, torch.float32))
+            torch.testing.assert_close(got * mb.rows.response_mask, ref[mb.index, : got.shape[1]] *
+                                       mask[mb.index, : got.shape[1]], atol=1e-5, rtol=1e-6)
