@@ -52,6 +52,23 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def compiler() -> str | None:
+    """The C compiler the kernel is built with: ``CC``, else ``cc`` or ``gcc`` on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot run the kernel (no C compiler, a CPU without the flags it is
+    compiled for), found without building it; None where it can try."""
+    cc = compiler()
+    if not cc:
+        return "no C compiler (cc or gcc on PATH, or CC)"
+    if not shutil.which(cc):
+        return f"C compiler {cc} not found"
+    missing = sorted(CPU_FLAGS - cpu_flags())
+    return f"this CPU lacks {', '.join(missing)} (the kernel is built for AVX-512)" if missing else None
+
+
 def cache_dir() -> Path:
     """Where built kernels are kept: ``RLHF_RAY_KERNEL_CACHE``, else ``~/.cache/rlhf_ray/kernels``."""
     return Path(os.environ.get("RLHF_RAY_KERNEL_CACHE") or Path.home() / ".cache" / "rlhf_ray" / "kernels")
@@ -63,7 +80,7 @@ def build() -> Path:
     ones torch already runs. Raises ``RuntimeError`` naming what failed."""
     import torch
 
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if not cc:
         raise RuntimeError("no C compiler (cc or gcc on PATH, or CC)")
     try:

@@ -9,6 +9,7 @@ import pytest
 
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.config_loader import build_config
+from rlhf_ray.workers.decode_attention import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "launch" / "configs" / "ppo_tiny.yaml"
@@ -44,7 +45,9 @@ def test_grpo_on_policy_every_episode_has_the_current_version(ray_local, tmp_pat
     assert Path(summary["outputs"]["plot"]).stat().st_size > 1000
     # rollout.kv_cache_gib null: the engine's cache is sized for the tiny model (64 MiB), not 1 GiB
     assert summary["rollout_engine"]["kv_cache_gib"] == 0.0625
-    assert summary["rollout_engine"]["decode_attention"] == "rlhf_ray"  # the project's CPU kernel ran
+    # the project's CPU kernel ran, where the machine can run it (a C compiler, AVX-512)
+    kernel = summary["rollout_engine"]["decode_attention"]
+    assert kernel == "rlhf_ray" if unavailable() is None else kernel.startswith("vllm (")
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])  # the exported policy loads

@@ -8,6 +8,7 @@ import torch
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import LearnerConfig, OptimConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.experience import episodes_to_batch
+from rlhf_ray.workers.decode_attention import unavailable
 from rlhf_ray.workers.group import WorkerGroup, WorkerResources
 from rlhf_ray.workers.learner import LearnerWorker
 from rlhf_ray.workers.rollout import RolloutWorker
@@ -203,9 +204,12 @@ def test_sync_into_a_tensor_parallel_engine(tp_roles, method):
     # both engine processes decode with the project's CPU attention kernel (the log-probs
     # that match the learner's below come from it)
     health = rollouts.call("health")[0]
-    assert health["engine"]["decode_attention"] == "rlhf_ray"
-    calls = health["decode_attention_calls"]
-    assert len(calls) == 2 and min(calls) > 0, calls
+    if unavailable() is None:  # a machine that can run the kernel (a C compiler, AVX-512)
+        assert health["engine"]["decode_attention"] == "rlhf_ray"
+        calls = health["decode_attention_calls"]
+        assert len(calls) == 2 and min(calls) > 0, calls
+    else:
+        assert health["engine"]["decode_attention"].startswith("vllm (")
     assert stale > 1e-3, "training should have moved the learner away from the rollout weights"
     version = max(versions) + 1
     metrics = WeightSync(learner, rollouts, method=method).sync(version)
