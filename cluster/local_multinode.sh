@@ -33,7 +33,9 @@ node_ports() {  # the per-node agent ports; their defaults would clash with anot
 
 start_node() {  # start_node LOG ARGS...: one `ray start --block` in its own session
     local log=$1; shift
-    setsid "$RAY" start --block "$@" >>"$dir/$log.log" 2>&1 &
+    # TMPDIR: what the node's processes put in the temp folder (Python multiprocessing's
+    # pymp-* folders, which a killed process leaves behind) goes with the cluster's folder
+    TMPDIR="$(cat "$dir/ray_tmp")" setsid "$RAY" start --block "$@" >>"$dir/$log.log" 2>&1 &
     echo $! >>"$dir/pgids"
 }
 

@@ -58,9 +58,11 @@ def cluster(tmp_path_factory):
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     base.update(RAY_USAGE_STATS_ENABLED="0",
                 PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    head_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # Ray's socket paths must stay short
+    # TMPDIR: the temp folders of the head's processes (Python multiprocessing's pymp-*,
+    # which a killed process leaves) and of the jobs they run go with the cluster's folder
+    head_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "TMPDIR": temp_dir}
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={gcs}", "--num-cpus=2", f"--dashboard-port={dash}",
                              "--dashboard-host=127.0.0.1", "--include-dashboard=true",
