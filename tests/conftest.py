@@ -45,7 +45,9 @@ def _shm_files() -> set[str]:
 def loose_temp_files() -> set[str]:
     """What vLLM and W&B leave in the system temp folder when their process dies, and the
     scratch folders (``rlhf_ray.files``) of processes that no longer run: a vLLM engine's
-    rendezvous files and sockets (UUID names), W&B's media and artifact folders."""
+    rendezvous files and sockets (UUID names), W&B's media and artifact folders, and Python
+    multiprocessing's ``pymp-*`` folders (other than this process's own)."""
+    import multiprocessing
     import re
     import tempfile
 
@@ -53,10 +55,12 @@ def loose_temp_files() -> set[str]:
 
     root = tempfile.gettempdir()
     uuid = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+    own_pymp = multiprocessing.current_process()._config.get("tempdir")
     found = set()
     for name in os.listdir(root):
         if (name.startswith("vllm_dist_") or name.endswith(("wandb-media", "wandb-artifacts"))
                 or uuid.match(name)
+                or (name.startswith("pymp-") and os.path.join(root, name) != own_pymp)
                 or (name.startswith(SCRATCH_PREFIX) and _scratch_owner(name) != os.getpid())):
             found.add(os.path.join(root, name))
     return found
