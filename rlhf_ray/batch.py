@@ -432,22 +432,10 @@ class SharedPromptRows:
         weights = self.loss_mask[response, slot].to(logps.dtype)
         return logps.new_zeros(len(self)).index_add_(0, response, logps * weights).float()
 
-    def token_logprobs(self, logits: torch.Tensor, start: int = 0, with_entropy: bool = False):
-        """(R, A) fp32 log-prob of every token of each response (0 beyond its length), and
-        with ``with_entropy`` the (R, A) entropy of the distribution that predicts it (no
-        gradient); logits as in :meth:`sequence_logps`."""
-        from rlhf_ray.losses import picked_logprobs
-
+    def token_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(response, slot)``, (K,) each: every token of every response (slot < its length)."""
         slots = torch.arange(self.targets.shape[1], device=self.targets.device)
-        response, slot = (slots < self.response_lengths[:, None]).nonzero(as_tuple=True)
-        logprobs, entropy = picked_logprobs(logits, self.response_rows[response],
-                                            self.predictors[response, slot] - start,
-                                            self.targets[response, slot], with_entropy=True)
-        shape = self.targets.shape
-        out = logprobs.new_zeros(shape).index_put((response, slot), logprobs)
-        if not with_entropy:
-            return out
-        return out, entropy.new_zeros(shape).index_put((response, slot), entropy)
+        return (slots < self.response_lengths[:, None]).nonzero(as_tuple=True)
 
     def last_columns(self) -> torch.Tensor:
         """(R,) the column of each response's last token: where a reward model's scalar head
@@ -485,18 +473,22 @@ class SharedPromptBatch:
         return SharedPromptBatch(self.rows.to(device), self.layout.to(device), self.index)
 
     def token_logprobs(self, logits: torch.Tensor, start: int = 0, with_entropy: bool = False):
-        """(B, T-1) next-token aligned log-probs of ``rows`` from the layout's ``logits``
-        (:meth:`SharedPromptRows.token_logprobs`), at the columns the rows' response tokens
-        have (0 elsewhere); with ``with_entropy`` also the (B, T-1) entropy (no gradient)."""
-        per_response = self.layout.token_logprobs(logits, start, with_entropy=True)
+        """(B, T-1) fp32 next-token aligned log-probs of ``rows`` from the layout's ``logits``
+        ((N, W - start, V), as :meth:`SharedPromptRows.logits` gives them), at the columns
+        the rows' response tokens have (0 elsewhere); with ``with_entropy`` also the (B, T-1)
+        entropy (no gradient). One :func:`rlhf_ray.losses.picked_logprobs` pass."""
+        from rlhf_ray.losses import picked_logprobs
+
+        rows = self.layout
+        response, slot = rows.token_slots()
+        picked = picked_logprobs(logits, rows.response_rows[response], rows.predictors[response, slot] - start,
+                                 rows.targets[response, slot], with_entropy=with_entropy)
+        picked = picked if with_entropy else (picked,)
         # token j of row r's response is next-token column (prompt length - 1) + j; the
         # layout's first predictor of each response is its prompt's last column, p - 1
         b, width = self.rows.input_ids.shape
-        slots = torch.arange(self.layout.targets.shape[1], device=logits.device)
-        response, slot = (slots < self.layout.response_lengths[:, None]).nonzero(as_tuple=True)
-        columns = self.layout.predictors[response, 0] + slot
-        placed = [x.new_zeros(b, width - 1).index_put((response, columns), x[response, slot])
-                  for x in per_response]
+        columns = rows.predictors[response, 0] + slot
+        placed = [x.new_zeros(b, width - 1).index_put((response, columns), x) for x in picked]
         return tuple(placed) if with_entropy else placed[0]
 
 
