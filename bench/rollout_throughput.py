@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/rollout_throughput.py                       # SmolLM2, CPU, fp32, 128 prompts x 128 tokens
     .venv/bin/python bench/rollout_throughput.py --prompts 256 --dtype bfloat16
-    .venv/bin/python bench/rollout_throughput.py --dtype bfloat16 --compile --compare-attention  # make bench
+    .venv/bin/python bench/rollout_throughput.py --dtype bfloat16 --compile --interleave --repeats 3  # make bench
 
 Both engines answer the same Alpaca-templated arithmetic prompts with exactly
 ``--max-new-tokens`` tokens each (EOS ignored, greedy), so they do the same work.
@@ -18,7 +18,10 @@ does. The engine decodes with the project's CPU attention kernel
 (``rollout.decode_attention``, :mod:`rlhf_ray.workers.decode_attention`);
 ``--compare-attention`` also times an engine on vLLM's own kernel in the same run, and
 ``--vllm-attention`` times that one alone. Each side gets one warm-up call first, then ``--repeats`` timed runs; the best of each
-side is compared. Prints a table and writes JSON to ``--out``.
+side is compared. ``--interleave`` (``make bench``) loads both at once and times them in
+turns, one run each per round, so each round's pair meets the same state of a shared
+machine; it also records every round's ratio and their median. Prints a table and writes
+JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,9 +77,12 @@ def timed(run, repeats: int) -> dict:
             "runs_tokens_per_s": [round(t / s, 1) for t, s in runs]}
 
 
-def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv_gib: float,
-               compile: bool = False, repeats: int = 1, stop_at_eos: bool = False,
-               completions: list | None = None, decode_attention: bool = True) -> dict:
+@contextmanager
+def vllm_engine(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv_gib: float,
+                compile: bool = False, stop_at_eos: bool = False, completions: list | None = None,
+                decode_attention: bool = True):
+    """A warmed-up engine: yields ``(run, info)``, where ``run()`` generates the batch once and
+    returns its tokens, and ``info`` the engine's settings. Shut down on exit."""
     from vllm import SamplingParams, TokensPrompt
 
     from rlhf_ray.workers.engine import make_llm, shutdown_llm
@@ -100,17 +108,25 @@ def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv
                 completions[:] = outs
             return sum(map(len, outs))
 
-        result = timed(run, repeats)
+        yield run, {"kv_cache_gib": kv_gib, "kv_blocks": blocks, "kv_blocks_needed": blocks_needed,
+                    "compiled": compile, "decode_attention": llm.rlhf_ray_decode_attention,
+                    "engine_start_s": start_s}
     finally:
         shutdown_llm(llm)
-    return {**result, "kv_cache_gib": kv_gib,
-            "kv_blocks": blocks, "kv_blocks_needed": blocks_needed, "compiled": compile,
-            "decode_attention": llm.rlhf_ray_decode_attention,
-            "engine_start_s": start_s}
 
 
-def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batch: int, repeats: int = 1,
-             stop_at_eos: bool = False, completions: list | None = None) -> dict:
+def bench_vllm(model: str, ids: list[list[int]], new_tokens: int, dtype: str, kv_gib: float,
+               compile: bool = False, repeats: int = 1, stop_at_eos: bool = False,
+               completions: list | None = None, decode_attention: bool = True) -> dict:
+    with vllm_engine(model, ids, new_tokens, dtype, kv_gib, compile, stop_at_eos, completions,
+                     decode_attention) as (run, info):
+        return {**timed(run, repeats), **info}
+
+
+@contextmanager
+def hf_model(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batch: int,
+             stop_at_eos: bool = False, completions: list | None = None):
+    """HF ``generate``, warmed up: yields ``(run, info)`` as :func:`vllm_engine` does."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -139,7 +155,26 @@ def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batc
         return sum(map(len, outs))
 
     run(ids[:2])  # warm-up
-    return {**timed(run_all, repeats), "batch": batch}
+    yield run_all, {"batch": batch}
+
+
+def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batch: int, repeats: int = 1,
+             stop_at_eos: bool = False, completions: list | None = None) -> dict:
+    with hf_model(model, ids, new_tokens, dtype, batch, stop_at_eos, completions) as (run, info):
+        return {**timed(run, repeats), **info}
+
+
+def bench_interleaved(vllm_args: tuple, hf_args: tuple, repeats: int) -> tuple[dict, dict, list[float]]:
+    """Both engines loaded at once and timed in turns (vLLM, then HF, ``repeats`` rounds), so
+    each round's pair meets the same state of a shared machine. Returns each side's
+    :func:`timed` figures and every round's ratio (vLLM / HF tokens/s)."""
+    with vllm_engine(*vllm_args) as (run_vllm, vllm_info), hf_model(*hf_args) as (run_hf, hf_info):
+        rounds = [(timed(run_vllm, 1), timed(run_hf, 1)) for _ in range(repeats)]
+    best = [min((r[side] for r in rounds), key=lambda x: x["seconds"] / x["tokens"]) for side in (0, 1)]
+    runs = [[r[side]["tokens_per_s"] for r in rounds] for side in (0, 1)]
+    vllm = {**best[0], "runs_tokens_per_s": [round(x, 1) for x in runs[0]], **vllm_info}
+    hf = {**best[1], "runs_tokens_per_s": [round(x, 1) for x in runs[1]], **hf_info}
+    return vllm, hf, [v / h for v, h in zip(*runs)]
 
 
 def main() -> int:
@@ -162,7 +197,12 @@ def main() -> int:
     ap.add_argument("--vllm-attention", action="store_true",
                     help="vLLM's own CPU decode attention instead of rlhf-ray's kernel (rollout.decode_attention=false)")
     ap.add_argument("--compare-attention", action="store_true",
-                    help="also time an engine on vLLM's own decode attention, in the same run (the before figure)")
+                    help="also time an engine on vLLM's own decode attention, in the same run (the before "
+                         "figure; one run with --interleave)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="load vLLM and HF together and time them in turns, one run each per round "
+                         "(--repeats rounds): each pair meets the same state of the machine; records every "
+                         "round's ratio and their median")
     ap.add_argument("--skip-hf", action="store_true", help="vLLM only (tuning runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout_throughput.json"))
     args = ap.parse_args()
@@ -178,24 +218,35 @@ def main() -> int:
     ids = prompts(load_tokenizer(model), args.prompts)
     vllm_outs: list[list[int]] = []
     hf_outs: list[list[int]] = []
+    if args.interleave and args.skip_hf:
+        raise SystemExit("--interleave times vLLM and HF in turns: it cannot run with --skip-hf")
     result = {
         "model": args.model, "dtype": args.dtype, "prompts": len(ids),
         "max_new_tokens": args.max_new_tokens, "stop_at_eos": args.stop_at_eos,
-        "cpus": os.cpu_count(), "machine": platform.machine(),
-        "vllm": bench_vllm(model, ids, args.max_new_tokens, args.dtype,
-                           args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype), args.compile,
-                           args.repeats, args.stop_at_eos, vllm_outs, not args.vllm_attention),
+        "cpus": os.cpu_count(), "machine": platform.machine(), "interleaved": args.interleave,
     }
+    kv_gib = args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype)
+    vllm_args = (model, ids, args.max_new_tokens, args.dtype, kv_gib, args.compile, args.stop_at_eos, vllm_outs,
+                 not args.vllm_attention)
+    if args.interleave:
+        hf_args = (model, ids, args.max_new_tokens, args.dtype, args.hf_batch, args.stop_at_eos, hf_outs)
+        result["vllm"], result["hf_generate"], ratios = bench_interleaved(vllm_args, hf_args, args.repeats)
+        result["round_ratios"] = [round(r, 3) for r in ratios]
+        result["median_round_ratio"] = statistics.median(ratios)
+    else:
+        result["vllm"] = bench_vllm(*vllm_args[:6], args.repeats, *vllm_args[6:])
     if args.compare_attention and not args.vllm_attention:
-        result["vllm_own_attention"] = bench_vllm(model, ids, args.max_new_tokens, args.dtype,
-                                                  result["vllm"]["kv_cache_gib"], args.compile, args.repeats,
-                                                  args.stop_at_eos, None, decode_attention=False)
+        # the before figure: one run with --interleave (whose rounds are the headline), else --repeats
+        result["vllm_own_attention"] = bench_vllm(model, ids, args.max_new_tokens, args.dtype, kv_gib, args.compile,
+                                                  1 if args.interleave else args.repeats, args.stop_at_eos, None,
+                                                  decode_attention=False)
         result["decode_kernel_gain"] = result["vllm"]["tokens_per_s"] / result["vllm_own_attention"]["tokens_per_s"]
     if args.skip_hf:
         print(f"vLLM: {result['vllm']['tokens_per_s']:.1f} tokens/s ({result['vllm']})")
         return 0
-    result["hf_generate"] = bench_hf(model, ids, args.max_new_tokens, args.dtype, args.hf_batch, args.repeats,
-                                     args.stop_at_eos, hf_outs)
+    if not args.interleave:
+        result["hf_generate"] = bench_hf(model, ids, args.max_new_tokens, args.dtype, args.hf_batch, args.repeats,
+                                         args.stop_at_eos, hf_outs)
     result["speedup_vllm_over_hf"] = result["vllm"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
     if "vllm_own_attention" in result:
         result["speedup_vllm_own_attention_over_hf"] = (result["vllm_own_attention"]["tokens_per_s"]
@@ -216,6 +267,9 @@ def main() -> int:
     if "vllm_own_attention" in result:
         print(f"vLLM on its own decode attention / HF generate: {result['speedup_vllm_own_attention_over_hf']:.2f}x; "
               f"rlhf-ray's decode kernel / vLLM's: {result['decode_kernel_gain']:.2f}x")
+    if args.interleave:
+        print(f"per round (vLLM / HF, same round): {result['round_ratios']}, median "
+              f"{result['median_round_ratio']:.2f}x")
     print(f"vLLM / HF generate: {result['speedup_vllm_over_hf']:.2f}x; identical completions: "
           f"{result['same_completions']:.0%}  -> {out}")
     return 0
