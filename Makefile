@@ -28,7 +28,7 @@ bench:
 	@start=$$(date +%s); \
 	$(PY) bench/learner_throughput.py && \
 	$(PY) bench/rollout_throughput.py --dtype bfloat16 --compile --interleave --repeats 3 --compare-attention && \
-	$(PY) bench/grpo_vs_trl.py --steps 5 --variants unshared,fused && \
+	$(PY) bench/grpo_vs_trl.py --steps 5 --variants fused && \
 	$(PY) bench/streaming.py --steps 3 --no-all-cores && \
 	$(PY) bench/sft_dpo_vs_trl.py && \
 	$(PY) bench/reward_endpoint.py && \
