@@ -63,18 +63,24 @@ def kv_gib_for(model: str, ids: list[list[int]], new_tokens: int, dtype: str) ->
     return math.ceil(kv_bytes_per_token(model, dtype) * slots * 1.1 / 2**30 * 4) / 4
 
 
-def timed(run, repeats: int) -> dict:
-    """``run()`` (which returns the tokens it generated) ``repeats`` times: every run's
-    tokens/s, and the best, the figure the ratio compares (the same rule on both sides; a
-    shared VM's stalls only ever slow a run down)."""
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens = run()
-        runs.append((tokens, time.perf_counter() - t0))
+def measure(run) -> tuple[int, float]:
+    """One call of ``run()`` (which returns the tokens it generated): (tokens, seconds)."""
+    t0 = time.perf_counter()
+    tokens = run()
+    return tokens, time.perf_counter() - t0
+
+
+def best_of(runs: list[tuple[int, float]]) -> dict:
+    """Every run's tokens/s, and the best, the figure the ratio compares (the same rule on both
+    sides; a shared VM's stalls only ever slow a run down)."""
     tokens, seconds = min(runs, key=lambda r: r[1] / r[0])
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "runs_tokens_per_s": [round(t / s, 1) for t, s in runs]}
+
+
+def timed(run, repeats: int) -> dict:
+    """``run()`` ``repeats`` times, summarised by :func:`best_of`."""
+    return best_of([measure(run) for _ in range(repeats)])
 
 
 @contextmanager
@@ -164,17 +170,15 @@ def bench_hf(model: str, ids: list[list[int]], new_tokens: int, dtype: str, batc
         return {**timed(run, repeats), **info}
 
 
-def bench_interleaved(vllm_args: tuple, hf_args: tuple, repeats: int) -> tuple[dict, dict, list[float]]:
+def bench_interleaved(vllm_args: dict, hf_args: dict, repeats: int) -> tuple[dict, dict, list[float]]:
     """Both engines loaded at once and timed in turns (vLLM, then HF, ``repeats`` rounds), so
     each round's pair meets the same state of a shared machine. Returns each side's
-    :func:`timed` figures and every round's ratio (vLLM / HF tokens/s)."""
-    with vllm_engine(*vllm_args) as (run_vllm, vllm_info), hf_model(*hf_args) as (run_hf, hf_info):
-        rounds = [(timed(run_vllm, 1), timed(run_hf, 1)) for _ in range(repeats)]
-    best = [min((r[side] for r in rounds), key=lambda x: x["seconds"] / x["tokens"]) for side in (0, 1)]
-    runs = [[r[side]["tokens_per_s"] for r in rounds] for side in (0, 1)]
-    vllm = {**best[0], "runs_tokens_per_s": [round(x, 1) for x in runs[0]], **vllm_info}
-    hf = {**best[1], "runs_tokens_per_s": [round(x, 1) for x in runs[1]], **hf_info}
-    return vllm, hf, [v / h for v, h in zip(*runs)]
+    :func:`best_of` figures and every round's ratio (vLLM / HF tokens/s)."""
+    with vllm_engine(**vllm_args) as (run_vllm, vllm_info), hf_model(**hf_args) as (run_hf, hf_info):
+        rounds = [(measure(run_vllm), measure(run_hf)) for _ in range(repeats)]
+    vllm_runs, hf_runs = zip(*rounds)
+    ratios = [(vt / vs) / (ht / hs) for (vt, vs), (ht, hs) in rounds]
+    return {**best_of(list(vllm_runs)), **vllm_info}, {**best_of(list(hf_runs)), **hf_info}, ratios
 
 
 def main() -> int:
@@ -226,15 +230,17 @@ def main() -> int:
         "cpus": os.cpu_count(), "machine": platform.machine(), "interleaved": args.interleave,
     }
     kv_gib = args.kv_cache_gib or kv_gib_for(model, ids, args.max_new_tokens, args.dtype)
-    vllm_args = (model, ids, args.max_new_tokens, args.dtype, kv_gib, args.compile, args.stop_at_eos, vllm_outs,
-                 not args.vllm_attention)
+    vllm_args = dict(model=model, ids=ids, new_tokens=args.max_new_tokens, dtype=args.dtype, kv_gib=kv_gib,
+                     compile=args.compile, stop_at_eos=args.stop_at_eos, completions=vllm_outs,
+                     decode_attention=not args.vllm_attention)
     if args.interleave:
-        hf_args = (model, ids, args.max_new_tokens, args.dtype, args.hf_batch, args.stop_at_eos, hf_outs)
+        hf_args = dict(model=model, ids=ids, new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.hf_batch,
+                       stop_at_eos=args.stop_at_eos, completions=hf_outs)
         result["vllm"], result["hf_generate"], ratios = bench_interleaved(vllm_args, hf_args, args.repeats)
         result["round_ratios"] = [round(r, 3) for r in ratios]
         result["median_round_ratio"] = statistics.median(ratios)
     else:
-        result["vllm"] = bench_vllm(*vllm_args[:6], args.repeats, *vllm_args[6:])
+        result["vllm"] = bench_vllm(repeats=args.repeats, **vllm_args)
     if args.compare_attention and not args.vllm_attention:
         # the before figure: one run with --interleave (whose rounds are the headline), else --repeats
         result["vllm_own_attention"] = bench_vllm(model, ids, args.max_new_tokens, args.dtype, kv_gib, args.compile,
